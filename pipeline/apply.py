@@ -1,0 +1,233 @@
+"""Dask glue: per-chunk kernels mapped over chunked arrays.
+
+Each function here builds a lazy Dask array or reduction whose blocks are the
+store's chunks; nothing is computed or written here. Blocks that must read files
+(ingest, ground truth) call ``pipeline.io`` functions inside their tasks, so no
+worker ever holds more than a chunk.
+
+Axis order: images are (band, y, x), label rasters (y, x).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from pipeline.grid import Grid, block_window, bbox_mask, chunk_sizes
+from pipeline.io.raster import BandSource, read_onto_grid
+from pipeline.io.vector import rasterize_window
+from pipeline.metrics import EXCLUSION_REASONS, chunk_counts
+from pipeline.segment.classical import Expression, KMeansModel, histogram
+
+
+def _meta(dtype: Any) -> np.ndarray:
+    return np.empty((0,) * 2, dtype=dtype)
+
+
+def _read_block(
+    sources: list[BandSource], grid: Grid, resampling: str, nodata: float | None, dtype: str, block_info=None
+) -> np.ndarray:
+    window = block_window(block_info[None]["array-location"])
+    out = np.empty((len(sources), int(window.height), int(window.width)), dtype=dtype)
+    i = 0
+    while i < len(sources):  # read consecutive bands of one file together
+        j = i
+        while j + 1 < len(sources) and sources[j + 1].path == sources[i].path:
+            j += 1
+        group = sources[i : j + 1]
+        out[i : j + 1] = read_onto_grid(
+            group[0].path,
+            [s.index for s in group],
+            grid,
+            window,
+            resampling=resampling,
+            src_nodata=nodata if nodata is not None else group[0].nodata,
+            dst_nodata=nodata,
+            src_grid=group[0].grid,
+        )
+        i = j + 1
+    return out
+
+
+def read_image(sources: list[BandSource], grid: Grid, chunk: int, resampling: str, nodata: float | None) -> da.Array:
+    """Lazy (band, y, x) image of all ``sources`` on ``grid``, chunked (all bands, chunk, chunk).
+
+    dtype: the common numpy dtype of the sources (``np.result_type``).
+    """
+    dtype = np.result_type(*[np.dtype(s.dtype) for s in sources]).name
+    chunks = ((len(sources),), chunk_sizes(grid.height, chunk), chunk_sizes(grid.width, chunk))
+    return da.map_blocks(
+        _read_block,
+        sources,
+        grid,
+        resampling,
+        nodata,
+        dtype,
+        chunks=chunks,
+        dtype=dtype,
+        meta=np.empty((0, 0, 0), dtype=dtype),
+        name="tileseg-read",
+    )
+
+
+def valid_mask(image: da.Array, band_idx: list[int], nodata: float | None) -> da.Array:
+    """(y, x) bool: True where none of the bands ``band_idx`` equals ``nodata``."""
+    if nodata is None:
+        return da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
+    if np.isnan(nodata):
+        return ~da.isnan(image[band_idx]).any(axis=0)
+    return ~(image[band_idx] == nodata).any(axis=0)
+
+
+def index_image(image: da.Array, band_names: list[str], expr: Expression) -> da.Array:
+    """Lazy float64 (y, x) spectral index from a band expression."""
+    idx = [band_names.index(n) for n in expr.names]
+
+    def kernel(block: np.ndarray) -> np.ndarray:
+        return expr.evaluate({n: block[k] for k, n in enumerate(expr.names)})
+
+    return da.map_blocks(kernel, image[idx], drop_axis=0, dtype=np.float64, meta=_meta(np.float64))
+
+
+def finite_range(values: da.Array, valid: da.Array) -> tuple[da.Array, da.Array]:
+    """Lazy (min, max) of ``values`` over valid, finite pixels (NaN when there is none)."""
+    ok = valid & da.isfinite(values)
+    masked = da.where(ok, values, np.nan)
+    return da.nanmin(masked), da.nanmax(masked)
+
+
+def global_histogram(values: da.Array, valid: da.Array, edges: np.ndarray) -> da.Array:
+    """Lazy int64 histogram of valid, finite pixels over fixed ``edges``: sum of per-chunk counts."""
+    nbins = len(edges) - 1
+
+    def kernel(v: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        return histogram(v, ok & np.isfinite(v), edges)[None, None, :]
+
+    per_chunk = da.map_blocks(kernel, values, valid, new_axis=2, chunks=(1, 1, nbins), dtype=np.int64)
+    return per_chunk.sum(axis=(0, 1))
+
+
+def threshold_labels(values: da.Array, valid: da.Array, threshold: float, nodata: int) -> da.Array:
+    """uint8 (y, x): 1 where ``values > threshold``, 0 elsewhere, ``nodata`` where invalid or non-finite."""
+
+    def kernel(v: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        out = (v > threshold).astype(np.uint8)
+        out[~(ok & np.isfinite(v))] = nodata
+        return out
+
+    return da.map_blocks(kernel, values, valid, dtype=np.uint8, meta=_meta(np.uint8))
+
+
+def sample_pixels(image: da.Array, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random pixel positions over the WHOLE raster, independent of the chunking.
+
+    Returns:
+        (rows, cols), each int64 (m,) with m = min(n, pixels), sorted row-major.
+    """
+    h, w = image.shape[1:]
+    rng = np.random.default_rng(seed)
+    flat = np.sort(rng.choice(h * w, size=min(n, h * w), replace=False))
+    return flat // w, flat % w
+
+
+def gather_pixels(image: da.Array, rows: np.ndarray, cols: np.ndarray) -> da.Array:
+    """Lazy (m, band) values of ``image`` at the given pixel positions."""
+    return da.moveaxis(image, 0, -1).vindex[rows, cols]
+
+
+def kmeans_labels(
+    image: da.Array,
+    band_idx: list[int],
+    model: KMeansModel,
+    valid: da.Array,
+    nodata: int,
+    mapping: np.ndarray | None = None,
+) -> da.Array:
+    """uint8 (y, x) cluster ids (or class ids through ``mapping``), ``nodata`` where invalid."""
+    lut = None if mapping is None else np.asarray(mapping, dtype=np.uint8)
+
+    def kernel(block: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        ids = model.predict(block)
+        out = (lut[ids] if lut is not None else ids).astype(np.uint8)
+        out[~ok] = nodata
+        return out
+
+    return da.map_blocks(kernel, image[band_idx], valid, drop_axis=0, dtype=np.uint8, meta=_meta(np.uint8))
+
+
+def _raster_block(path, block_info=None) -> np.ndarray:
+    from pipeline.io.raster import read_window
+
+    return read_window(path, block_window(block_info[None]["array-location"]))
+
+
+def read_band(path: str, chunks: tuple[tuple[int, ...], tuple[int, ...]], dtype: str) -> da.Array:
+    """Lazy (y, x) band 1 of a raster file on its own grid, read window by window."""
+    return da.map_blocks(_raster_block, path, chunks=chunks, dtype=dtype, meta=_meta(dtype), name="tileseg-pred")
+
+
+def _gt_vector_block(path, class_column, class_names, grid, nodata, block_info=None) -> np.ndarray:
+    window = block_window(block_info[None]["array-location"])
+    return rasterize_window(path, class_column, class_names, grid, window, nodata)
+
+
+def _gt_raster_block(path, grid, src_nodata, nodata, block_info=None) -> np.ndarray:
+    window = block_window(block_info[None]["array-location"])
+    arr = read_onto_grid(path, [1], grid, window, "nearest", src_nodata=src_nodata, dst_nodata=nodata)[0]
+    return arr.astype(np.int64)
+
+
+def ground_truth(
+    path: str,
+    grid: Grid,
+    chunks: tuple[tuple[int, ...], tuple[int, ...]],
+    nodata: int,
+    class_column: str | None = None,
+    class_names: list[str] | None = None,
+    is_vector: bool = False,
+    src_nodata: float | None = None,
+) -> da.Array:
+    """Lazy (y, x) ground truth on ``grid``: vector polygons rasterized, or a raster reprojected
+    with nearest neighbour; ``nodata`` where unlabeled or outside the ground truth.
+    dtype: uint8 for vectors, int64 for rasters (any integer ids).
+    """
+    if is_vector:
+        return da.map_blocks(
+            _gt_vector_block, path, class_column, class_names, grid, nodata,
+            chunks=chunks, dtype=np.uint8, meta=_meta(np.uint8), name="tileseg-gt",
+        )  # fmt: skip
+    return da.map_blocks(
+        _gt_raster_block, path, grid, src_nodata, nodata,
+        chunks=chunks, dtype=np.int64, meta=_meta(np.int64), name="tileseg-gt",
+    )  # fmt: skip
+
+
+def area_mask(grid: Grid, chunks: tuple[tuple[int, ...], tuple[int, ...]], bbox: tuple[float, ...]) -> da.Array:
+    """Lazy bool (y, x): pixel centre inside ``bbox`` (map units)."""
+
+    def kernel(block_info=None) -> np.ndarray:
+        return bbox_mask(grid, block_window(block_info[None]["array-location"]), bbox)
+
+    return da.map_blocks(kernel, chunks=chunks, dtype=bool, meta=_meta(bool))
+
+
+def confusion(
+    gt: da.Array,
+    pred: da.Array,
+    n_classes: int,
+    gt_nodata: int,
+    pred_nodata: int | None,
+    area: da.Array | None = None,
+) -> da.Array:
+    """Lazy global counts: flattened (K, K) confusion matrix then excluded counts (see
+    :func:`pipeline.metrics.chunk_counts`), summed over chunks."""
+    n = n_classes * n_classes + len(EXCLUSION_REASONS)
+
+    def kernel(g: np.ndarray, p: np.ndarray, a: np.ndarray | None = None) -> np.ndarray:
+        return chunk_counts(g, p, n_classes, gt_nodata, pred_nodata, a)[None, None, :]
+
+    args = [gt, pred] + ([area] if area is not None else [])
+    per_chunk = da.map_blocks(kernel, *args, new_axis=2, chunks=(1, 1, n), dtype=np.int64)
+    return per_chunk.sum(axis=(0, 1))

@@ -1,0 +1,101 @@
+"""Choosing the Dask cluster, and computing with a progress bar.
+
+tileseg never schedules tiles itself: per-chunk work is a Dask graph, computed by
+whatever ``dask.distributed`` client is current (a LocalCluster started here, or an
+existing scheduler named in config), or by Dask's local scheduler when there is none.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import dask
+
+from pipeline.config import DaskConfig
+from pipeline.errors import TilesegError
+
+log = logging.getLogger("tileseg")
+
+
+class ClusterError(TilesegError, ConnectionError):
+    """The Dask scheduler could not be reached or started."""
+
+
+def current_client() -> Any | None:
+    """The current ``distributed.Client``, or None when none is running."""
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+@contextmanager
+def dask_client(cfg: DaskConfig) -> Iterator[Any]:
+    """Start (or connect to) the Dask cluster described by ``cfg`` for the duration of a block.
+
+    With ``cfg.scheduler_address`` it connects to that scheduler and leaves it running
+    afterwards; otherwise it starts a ``LocalCluster`` and closes it at the end.
+    The dashboard link is logged.
+
+    Raises:
+        ClusterError: the scheduler cannot be reached.
+    """
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    try:
+        if cfg.scheduler_address:
+            client = Client(cfg.scheduler_address, timeout="20s")
+        else:
+            cluster = LocalCluster(
+                n_workers=cfg.n_workers,
+                threads_per_worker=cfg.threads_per_worker,
+                memory_limit=cfg.memory_limit,
+                processes=cfg.processes,
+                dashboard_address=":0",
+                silence_logs=logging.WARNING,
+            )
+            client = Client(cluster)
+    except OSError as exc:
+        if cluster is not None:
+            cluster.close()
+        where = cfg.scheduler_address or "a LocalCluster"
+        raise ClusterError(f"cannot start or reach the Dask scheduler at {where}: {exc}") from None
+    log.info("Dask dashboard: %s", client.dashboard_link)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def compute(*objs: Any, label: str, progress: bool = True) -> tuple[Any, ...]:
+    """Compute Dask collections on the current client (or the local scheduler), with a progress bar.
+
+    Returns the computed results in order, like ``dask.compute``.
+    """
+    client = current_client()
+    if progress:
+        print(f"[tileseg] {label}", flush=True)
+    if client is not None:
+        futures = client.compute(list(objs))
+        if progress:
+            from distributed import progress as dprogress
+
+            dprogress(futures, notebook=False)
+            print(flush=True)
+        return tuple(client.gather(futures))
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        ctx: Any = ProgressBar(minimum=0.5)
+    else:
+        ctx = nullcontext()
+    with ctx:
+        return dask.compute(*objs)

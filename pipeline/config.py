@@ -1,0 +1,295 @@
+"""Typed run configuration (pydantic v2), validated once at the edge.
+
+A run config is one :class:`RunConfig`. It is loaded from YAML
+(:func:`load_config`), optionally with ``key.path=value`` overrides (the CLI's
+``--set``), and passed whole to the Prefect flow, whose UI renders it as a form.
+Unknown keys are refused everywhere (``extra="forbid"``) so that a typo never
+silently falls back to a default.
+
+Units: every size named ``*_px`` or ``chunk_size`` is in pixels; bounding boxes
+and resolutions are in map units of the raster's CRS (metres for UTM).
+Relative paths are resolved against the current working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+#: Label value written where no class could be assigned (nodata input, outside
+#: the raster). Chosen as the top of uint8 so that 0 stays a real class id.
+LABEL_NODATA = 255
+
+#: Value of rasterized ground truth for pixels without a label (no polygon,
+#: or a polygon whose class is not in ``classes``).
+GT_NODATA = 255
+
+Resampling = Literal["nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average", "mode"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClassInfo(_Model):
+    """One semantic class. Its id is its position in :attr:`RunConfig.classes`."""
+
+    name: str
+    color: str | None = Field(
+        default=None,
+        description="Colour for the COG colour table, '#rrggbb'. Default: a fixed palette.",
+        pattern=r"^#[0-9a-fA-F]{6}$",
+    )
+
+
+class BBox(_Model):
+    """Axis-aligned box in map units of the raster's CRS: (xmin, ymin, xmax, ymax).
+
+    A pixel belongs to the box when its centre lies inside it
+    (xmin <= x < xmax and ymin <= y < ymax), so adjacent boxes never share a pixel.
+    """
+
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BBox:
+        if not (self.xmin < self.xmax and self.ymin < self.ymax):
+            raise ValueError("bbox needs xmin < xmax and ymin < ymax")
+        return self
+
+
+class GridConfig(_Model):
+    """The target grid that all input bands are resampled onto during ingest."""
+
+    reference: str | None = Field(
+        default=None,
+        description="Band whose grid (CRS, transform, shape) is the target. Default: the finest-resolution band.",
+    )
+    resolution: float | None = Field(
+        default=None, gt=0, description="Override of the pixel size, in map units, keeping the reference's extent."
+    )
+    resampling: Resampling = Field(
+        default="bilinear", description="How bands on another grid are resampled (GDAL warp resampling)."
+    )
+
+
+class IngestConfig(_Model):
+    """Options of the ingest stage (rasters -> chunked zarr store)."""
+
+    chunk_size: int = Field(default=512, ge=16, le=16384, description="Chunk edge T in pixels; chunks are (band, T, T).")
+    band_names: list[str] | None = Field(
+        default=None, description="Names of the input bands in order. Default: from descriptions or file names."
+    )
+    nodata: float | None = Field(
+        default=None, description="Nodata value of the input, overriding what the files say (None: use the files')."
+    )
+    grid: GridConfig = GridConfig()
+
+
+class ThresholdConfig(_Model):
+    """Thresholding of one band or a spectral index.
+
+    ``labels = 1`` where ``expression > threshold``, else ``0``.
+    """
+
+    expression: str = Field(
+        default="(B03 - B08) / (B03 + B08)",
+        description="A band name or an arithmetic expression over band names (+ - * / ** and parentheses).",
+    )
+    value: float | None = Field(default=None, description="Fixed threshold. None: Otsu on the whole-raster histogram.")
+    bins: int = Field(default=1024, ge=16, le=1_000_000, description="Histogram bins for Otsu.")
+
+
+class KMeansConfig(_Model):
+    """K-means clustering fitted once on a seeded sample of the whole raster."""
+
+    bands: list[str] | None = Field(default=None, description="Bands used as features. Default: all bands.")
+    n_clusters: int = Field(default=8, ge=2, le=254)
+    sample_size: int = Field(default=100_000, ge=100, description="Pixels sampled (before dropping nodata).")
+    seed: int = 0
+    map_to_classes: bool = Field(
+        default=False,
+        description="Map cluster ids to ground-truth classes by majority vote inside `train_area`.",
+    )
+    train_area: BBox | None = Field(default=None, description="Area for the majority vote (map units).")
+
+
+class SegmentConfig(_Model):
+    """Options of the segment stage."""
+
+    method: Literal["threshold", "kmeans"] = "kmeans"
+    threshold: ThresholdConfig = ThresholdConfig()
+    kmeans: KMeansConfig = KMeansConfig()
+
+
+class StitchConfig(_Model):
+    """Options of the COG writer."""
+
+    overview_resampling: Literal["nearest", "mode"] = Field(
+        default="nearest", description="Overviews of a label raster never average."
+    )
+    compress: Literal["deflate", "zstd", "lzw"] = "deflate"
+    blocksize: int = Field(default=512, ge=64, le=4096, description="COG tile edge in pixels (multiple of 16).")
+
+    @field_validator("blocksize")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError("blocksize must be a multiple of 16")
+        return v
+
+
+class GroundTruthConfig(_Model):
+    """Ground truth: a raster of class ids, or vector polygons with a class column."""
+
+    path: Path
+    class_column: str | None = Field(
+        default=None, description="For vectors: column whose values are class names (or ids)."
+    )
+    nodata: int | None = Field(default=None, description="Raster ground truth: value meaning 'unlabeled'.")
+
+
+class EvaluateConfig(_Model):
+    """Options of the evaluate stage."""
+
+    ground_truth: GroundTruthConfig | None = None
+    area: BBox | None = Field(default=None, description="Evaluation area (map units). Default: the whole raster.")
+
+
+class DaskConfig(_Model):
+    """Which Dask cluster runs the per-chunk work."""
+
+    scheduler_address: str | None = Field(
+        default=None, description="Address of an existing scheduler (tcp://host:8786). None: start a LocalCluster."
+    )
+    n_workers: int = Field(default=2, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    memory_limit: str = Field(default="4GiB", description="Per worker, for the LocalCluster.")
+    processes: bool = Field(default=True, description="LocalCluster workers as processes (True) or threads.")
+    progress: bool = Field(default=True, description="Show a progress bar for each stage.")
+
+
+class RunConfig(_Model):
+    """A whole run: inputs, every stage's options, and where outputs go.
+
+    Outputs: ``<output_dir>/scene.zarr`` (image and labels), ``<output_dir>/labels.tif``
+    (COG), ``<output_dir>/report.json`` and ``report.md``.
+    """
+
+    name: str = "tileseg-run"
+    inputs: list[Path] = Field(default_factory=list, description="Raster files: one multi-band or several single-band.")
+    output_dir: Path = Path("outputs/run")
+    classes: list[ClassInfo] = Field(default_factory=list, description="Class names; a class id is its position here.")
+    ingest: IngestConfig = IngestConfig()
+    segment: SegmentConfig = SegmentConfig()
+    stitch: StitchConfig = StitchConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    dask: DaskConfig = DaskConfig()
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _names_as_classes(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": c} if isinstance(c, str) else c for c in v]
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):
+            raise ValueError("class names must be unique")
+        if len(names) > 255:
+            raise ValueError("at most 255 classes (id 255 is the label nodata)")
+        km = self.segment.kmeans
+        if self.segment.method == "kmeans" and km.map_to_classes:
+            if self.evaluate.ground_truth is None or not self.classes:
+                raise ValueError("segment.kmeans.map_to_classes needs evaluate.ground_truth and classes")
+            if km.train_area is None:
+                raise ValueError("segment.kmeans.map_to_classes needs segment.kmeans.train_area")
+        return self
+
+    @property
+    def store_path(self) -> Path:
+        return self.output_dir / "scene.zarr"
+
+    @property
+    def cog_path(self) -> Path:
+        return self.output_dir / "labels.tif"
+
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` strings to a raw config mapping (values parsed as YAML).
+
+    Raises:
+        ConfigError: an override lacks ``=``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a raw mapping into a :class:`RunConfig`.
+
+    Raises:
+        ConfigError: with one line per invalid field, naming the field.
+    """
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid config: {problems}") from None
+
+
+def load_config(path: Path | str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config and apply ``--set`` overrides.
+
+    Args:
+        path: YAML file, or None for the built-in defaults.
+        overrides: ``["segment.method=threshold", ...]``.
+
+    Raises:
+        ConfigError: missing or unparsable file, unknown keys, wrong types.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {p} is not valid YAML: {exc}".replace("\n", " ")) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {p} must be a mapping at the top level")
+        data = loaded or {}
+    return validate_config(apply_overrides(data, overrides or []))

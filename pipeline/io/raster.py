@@ -1,0 +1,289 @@
+"""Raster file I/O with rasterio: describing sources, windowed reads onto a target
+grid, and the single-writer Cloud-Optimized GeoTIFF.
+
+This module and its siblings in ``pipeline.io`` are the only places that open files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from pipeline.errors import InputError, RasterIOError
+from pipeline.grid import Grid
+
+
+@dataclass(frozen=True)
+class BandSource:
+    """One input band: a band of a raster file.
+
+    Attributes:
+        path: the file (any GDAL-readable raster).
+        index: 1-based band index in that file.
+        name: band name used in expressions and configs (for example ``B03``).
+        dtype: numpy dtype name of the band.
+        nodata: the file's nodata value for the band, or None.
+        grid: the file's own grid.
+    """
+
+    path: str
+    index: int
+    name: str
+    dtype: str
+    nodata: float | None
+    grid: Grid
+
+
+def _open(path: str | Path) -> rasterio.DatasetReader:
+    p = Path(path)
+    if not p.exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
+        raise RasterIOError(f"input raster not found: {path}")
+    try:
+        return rasterio.open(path)
+    except RasterioError as exc:
+        raise RasterIOError(f"cannot read {path} as a raster ({exc}); is it a valid GDAL raster?") from None
+
+
+def _band_name_from_file(path: str) -> str:
+    """Band name for a single-band file: the stem's last '_' token (``T33UUU_..._B03`` -> ``B03``)."""
+    stem = Path(path).name.split(".")[0]
+    token = re.split(r"[_\-\s]+", stem)[-1]
+    return token or stem
+
+
+def describe_sources(paths: Iterable[str | Path], band_names: list[str] | None = None) -> list[BandSource]:
+    """List every band of every input file, in order, with its name and grid.
+
+    Names come from ``band_names`` if given, else from the band description, else
+    (single-band files) from the last ``_`` token of the file name, else ``band_<i>``.
+
+    Raises:
+        RasterIOError: a file is missing or not a raster.
+        InputError: wrong number of band names, duplicate names, no CRS on some file.
+    """
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise InputError("no input rasters given")
+    sources: list[BandSource] = []
+    for path in paths:
+        with _open(path) as ds:
+            crs_wkt = ds.crs.to_wkt() if ds.crs else None
+            grid = Grid(crs_wkt, ds.transform, ds.height, ds.width)
+            for i in range(1, ds.count + 1):
+                desc = ds.descriptions[i - 1]
+                if desc:
+                    name = desc
+                elif ds.count == 1:
+                    name = _band_name_from_file(path)
+                else:
+                    name = f"{Path(path).stem}_band_{i}" if len(paths) > 1 else f"band_{i}"
+                sources.append(BandSource(path, i, name, ds.dtypes[i - 1], ds.nodatavals[i - 1], grid))
+    if band_names is not None:
+        if len(band_names) != len(sources):
+            raise InputError(f"ingest.band_names has {len(band_names)} names but the inputs have {len(sources)} bands")
+        sources = [BandSource(s.path, s.index, n, s.dtype, s.nodata, s.grid) for s, n in zip(sources, band_names)]
+    names = [s.name for s in sources]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"duplicate band names {dupes}; set ingest.band_names to name the bands")
+    has_crs = [s.grid.crs_wkt is not None for s in sources]
+    if any(has_crs) and not all(has_crs):
+        missing = sorted({s.path for s in sources if s.grid.crs_wkt is None})
+        raise InputError(f"some inputs have no CRS: {missing}; assign one (gdal_edit.py -a_srs) and retry")
+    return sources
+
+
+def target_grid(sources: list[BandSource], reference: str | None, resolution: float | None) -> Grid:
+    """The grid all bands are resampled onto.
+
+    The reference band's grid (default: the band with the smallest pixel size,
+    first on ties); with ``resolution`` (map units), the same extent at that pixel size
+    (shape rounded to whole pixels).
+
+    Raises:
+        InputError: unknown reference band, or a rotated reference grid.
+    """
+    if reference is not None:
+        by_name = {s.name: s for s in sources}
+        if reference not in by_name:
+            raise InputError(f"ingest.grid.reference {reference!r} is not a band; bands are {list(by_name)}")
+        ref = by_name[reference]
+    else:
+        ref = min(sources, key=lambda s: abs(s.grid.transform.a * s.grid.transform.e))
+    grid = ref.grid
+    if not grid.is_north_up():
+        raise InputError(f"{ref.path} has a rotated or south-up transform; warp it north-up first")
+    if resolution is not None:
+        xmin, ymin, xmax, ymax = grid.bounds()
+        width = max(1, round((xmax - xmin) / resolution))
+        height = max(1, round((ymax - ymin) / resolution))
+        transform = rasterio.Affine(resolution, 0.0, xmin, 0.0, -resolution, ymax)
+        grid = Grid(grid.crs_wkt, transform, height, width)
+    return grid
+
+
+def _same_grid(a: Grid, b: Grid) -> bool:
+    same_crs = a.crs_wkt == b.crs_wkt or (
+        a.crs_wkt is not None and b.crs_wkt is not None and CRS.from_wkt(a.crs_wkt) == CRS.from_wkt(b.crs_wkt)
+    )
+    return same_crs and a.shape == b.shape and a.transform.almost_equals(b.transform, precision=1e-9)
+
+
+def read_onto_grid(
+    path: str,
+    indexes: list[int],
+    grid: Grid,
+    window: Window,
+    resampling: str = "nearest",
+    src_nodata: float | None = None,
+    dst_nodata: float | None = None,
+    src_grid: Grid | None = None,
+) -> np.ndarray:
+    """Read bands of ``path`` for ``window`` of the target ``grid``, resampling when grids differ.
+
+    Returns an array of shape (len(indexes), window.height, window.width) in the file's dtype.
+    Pixels of the window outside the source are ``dst_nodata`` (0 when None).
+    The warp (rasterio ``WarpedVRT``) computes each output pixel from the source alone,
+    so the values do not depend on how the target grid is cut into windows.
+
+    Raises:
+        RasterIOError: the file cannot be read.
+    """
+    try:
+        with rasterio.open(path) as src:
+            own = src_grid or Grid(src.crs.to_wkt() if src.crs else None, src.transform, src.height, src.width)
+            if _same_grid(own, grid):
+                return src.read(indexes, window=window)
+            fill = 0 if dst_nodata is None else dst_nodata
+            with WarpedVRT(
+                src,
+                crs=CRS.from_wkt(grid.crs_wkt) if grid.crs_wkt else src.crs,
+                transform=grid.transform,
+                width=grid.width,
+                height=grid.height,
+                resampling=Resampling[resampling],
+                src_nodata=src_nodata if src_nodata is not None else src.nodata,
+                nodata=fill,
+            ) as vrt:
+                return vrt.read(indexes, window=window)
+    except RasterioError as exc:
+        raise RasterIOError(f"reading {path} window {window!r} failed: {exc}") from None
+
+
+def open_grid(path: str | Path) -> tuple[Grid, float | None, dict[str, str]]:
+    """Grid, band-1 nodata and dataset tags of a raster file.
+
+    Raises:
+        RasterIOError: missing or unreadable file.
+    """
+    with _open(path) as ds:
+        grid = Grid(ds.crs.to_wkt() if ds.crs else None, ds.transform, ds.height, ds.width)
+        return grid, ds.nodata, dict(ds.tags())
+
+
+def read_window(path: str | Path, window: Window, band: int = 1) -> np.ndarray:
+    """Read one band of ``path`` in ``window`` (native grid), shape (window.height, window.width).
+
+    Raises:
+        RasterIOError: the file cannot be read.
+    """
+    try:
+        with rasterio.open(path) as src:
+            return src.read(band, window=window)
+    except RasterioError as exc:
+        raise RasterIOError(f"reading {path} window {window!r} failed: {exc}") from None
+
+
+def _tmp_sibling(path: Path, tag: str) -> Path:
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}.tmp.tif")
+
+
+def write_cog(
+    out: str | Path,
+    grid: Grid,
+    dtype: str,
+    nodata: int | float | None,
+    blocks: Iterable[tuple[Window, np.ndarray]],
+    *,
+    colormap: dict[int, tuple[int, int, int, int]] | None = None,
+    class_names: list[str] | None = None,
+    blocksize: int = 512,
+    compress: str = "deflate",
+    overview_resampling: str = "nearest",
+    on_block: Callable[[], None] | None = None,
+) -> Path:
+    """Write a single-band Cloud-Optimized GeoTIFF from (window, array) blocks, from one process.
+
+    The blocks are written window by window into a tiled GeoTIFF under a temporary
+    name; GDAL's COG driver then copies it with internal overviews (``overview_resampling``,
+    never averaging for labels) into a second temporary file, which is renamed onto
+    ``out`` last, so a reader never sees a partial COG (design note: one writer per GeoTIFF).
+
+    Args:
+        grid: CRS, transform and shape of the output.
+        blocks: (window, array of shape (window.height, window.width)) covering the grid.
+        colormap: class id -> RGBA, embedded as the colour table.
+        class_names: stored as the ``CLASS_NAMES`` tag (JSON list; id = position).
+
+    Raises:
+        RasterIOError: the output cannot be written.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tiled = _tmp_sibling(out, "tiled")
+    final_tmp = _tmp_sibling(out, "cog")
+    profile = {
+        "driver": "GTiff",
+        "width": grid.width,
+        "height": grid.height,
+        "count": 1,
+        "dtype": dtype,
+        "crs": CRS.from_wkt(grid.crs_wkt) if grid.crs_wkt else None,
+        "transform": grid.transform,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": blocksize,
+        "blockysize": blocksize,
+        "compress": "deflate",
+        "BIGTIFF": "IF_SAFER",
+    }
+    try:
+        with rasterio.open(tiled, "w", **profile) as dst:
+            if colormap:  # before any pixel: GDAL fixes the photometric tag at the first write
+                dst.write_colormap(1, colormap)
+            for window, arr in blocks:
+                dst.write(arr, 1, window=window)
+                if on_block is not None:
+                    on_block()
+            if class_names:
+                dst.update_tags(CLASS_NAMES=json.dumps(class_names))
+                dst.set_band_description(1, "labels")
+        rasterio.shutil.copy(
+            tiled,
+            final_tmp,
+            driver="COG",
+            BLOCKSIZE=blocksize,
+            COMPRESS=compress.upper(),
+            OVERVIEW_RESAMPLING=overview_resampling.upper(),
+            BIGTIFF="IF_SAFER",
+        )
+        os.replace(final_tmp, out)
+    except RasterioError as exc:
+        raise RasterIOError(f"writing COG {out} failed: {exc}") from None
+    finally:
+        for p in (tiled, final_tmp):
+            p.unlink(missing_ok=True)
+    return out

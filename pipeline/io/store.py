@@ -1,0 +1,151 @@
+"""The chunked zarr v3 store: ``image`` (band, y, x) and ``labels`` (y, x) with georeferencing.
+
+Georeferencing follows the CF/rioxarray convention: a scalar ``spatial_ref``
+coordinate holding ``crs_wkt`` and ``GeoTransform``, each data variable naming it
+in its ``grid_mapping`` attribute, and ``x``/``y`` coordinates of pixel centres.
+``xarray.open_zarr(store)`` then gives ``.rio.crs`` and ``.rio.transform()`` back
+exactly. Band names live in the ``band_names`` attribute of ``image`` (a JSON list;
+zarr v3 warns on fixed-length string coordinates), nodata in ``nodata``.
+
+Metadata is consolidated so that a plain ``xarray.open_zarr(store)`` opens quickly
+and without warnings.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from affine import Affine
+from rasterio.crs import CRS
+
+from pipeline.errors import InputError, RasterIOError
+from pipeline.grid import Grid
+
+IMAGE = "image"
+LABELS = "labels"
+
+
+def _georeference(ds: xr.Dataset, grid: Grid) -> xr.Dataset:
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+
+    if grid.crs_wkt is not None:
+        ds = ds.rio.write_crs(CRS.from_wkt(grid.crs_wkt).to_wkt())
+    ds = ds.rio.write_transform(grid.transform)
+    for name in ds.data_vars:
+        # grid_mapping as an attribute (not encoding): xarray then lists spatial_ref
+        # in the variable's `coordinates`, so open_zarr restores it as a coordinate.
+        ds[name].encoding.pop("grid_mapping", None)
+        ds[name].attrs["grid_mapping"] = "spatial_ref"
+    return ds
+
+
+def _coords(grid: Grid) -> dict[str, Any]:
+    return {"y": grid.y_centres(), "x": grid.x_centres()}
+
+
+def _to_zarr(ds: xr.Dataset, path: Path, mode: str, encoding: dict[str, Any]) -> Any:
+    with warnings.catch_warnings():
+        # zarr v3 warns that consolidated metadata is an extension; xarray relies on it.
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        return ds.to_zarr(path, mode=mode, zarr_format=3, consolidated=True, encoding=encoding, compute=False)
+
+
+def image_dataset(image: da.Array, grid: Grid, band_names: list[str], nodata: float | None) -> xr.Dataset:
+    """Wrap a Dask array (band, y, x) into the store's georeferenced Dataset."""
+    arr = xr.DataArray(
+        image,
+        dims=("band", "y", "x"),
+        coords={"band": np.arange(1, len(band_names) + 1), **_coords(grid)},
+        name=IMAGE,
+        attrs={"band_names": list(band_names), "long_name": list(band_names)},
+    )
+    if nodata is not None:
+        arr.attrs["nodata"] = nodata.item() if isinstance(nodata, np.generic) else nodata
+    return _georeference(arr.to_dataset(), grid)
+
+
+def write_image(ds: xr.Dataset, path: Path, chunk: int) -> Any:
+    """Prepare writing the image Dataset to a new store at ``path``; returns a Dask delayed to compute.
+
+    Dask chunks must equal storage chunks (band, chunk, chunk) so each task writes
+    whole zarr chunks that no other task writes.
+    """
+    nb = ds[IMAGE].shape[0]
+    return _to_zarr(ds, path, "w", {IMAGE: {"chunks": (nb, chunk, chunk)}})
+
+
+def _drop_variable(store: Path, name: str) -> None:
+    import zarr
+
+    group = zarr.open_group(store, mode="r+", zarr_format=3)
+    if name in group:
+        del group[name]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            zarr.consolidate_metadata(store, zarr_format=3)
+
+
+def write_labels(store: Path, labels: da.Array, grid: Grid, attrs: dict[str, Any]) -> Any:
+    """Prepare writing ``labels`` (y, x) into an existing store; returns a Dask delayed to compute.
+
+    ``labels`` must be chunked like the store's ``image`` (y, x) chunks.
+    """
+    _drop_variable(store, LABELS)  # a re-run replaces labels whole, attributes included
+    arr = xr.DataArray(labels, dims=("y", "x"), coords=_coords(grid), name=LABELS, attrs=dict(attrs))
+    ds = _georeference(arr.to_dataset(), grid)
+    chunks = (labels.chunks[0][0], labels.chunks[1][0])
+    return _to_zarr(ds, store, "a", {LABELS: {"chunks": chunks}})
+
+
+def open_store(path: str | Path) -> xr.Dataset:
+    """Open a tileseg store lazily (Dask arrays chunked as stored).
+
+    Raises:
+        RasterIOError: the path is not a zarr store.
+        InputError: the store has no ``image`` variable.
+    """
+    p = Path(path)
+    if not (p / "zarr.json").is_file():
+        raise RasterIOError(f"{p} is not a zarr v3 store (no zarr.json); run `tileseg ingest` first")
+    try:
+        ds = xr.open_zarr(p, consolidated=True)
+    except Exception as exc:  # zarr raises many types for a damaged store
+        raise RasterIOError(f"cannot open zarr store {p}: {exc}") from None
+    if IMAGE not in ds and LABELS not in ds:
+        raise InputError(f"{p} has neither '{IMAGE}' nor '{LABELS}'; is it a tileseg store?")
+    return ds
+
+
+def store_grid(ds: xr.Dataset) -> Grid:
+    """The Grid of an opened store (CRS from ``spatial_ref``, transform from ``GeoTransform``)."""
+    import rioxarray  # noqa: F401
+
+    var = ds[IMAGE] if IMAGE in ds else ds[LABELS]
+    crs = var.rio.crs
+    transform: Affine = var.rio.transform()
+    return Grid(crs.to_wkt() if crs is not None else None, transform, var.sizes["y"], var.sizes["x"])
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Atomically replace directory ``final`` by ``tmp`` (rename on one filesystem).
+
+    Raises:
+        RasterIOError: the rename fails.
+    """
+    old = final.with_name(f".{final.name}.old")
+    try:
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as exc:
+        raise RasterIOError(f"cannot publish {final}: {exc}") from None
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,342 @@
+"""The pipeline stages: ingest, segment, stitch, evaluate.
+
+Each stage takes typed config and paths and returns paths or a result object; this
+is the only module that mixes I/O with compute. Per-chunk work runs on whatever Dask
+client is current (see :mod:`pipeline.cluster`); no stage imports Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import apply
+from pipeline.cluster import compute
+from pipeline.config import (
+    GT_NODATA,
+    LABEL_NODATA,
+    BBox,
+    ClassInfo,
+    GroundTruthConfig,
+    IngestConfig,
+    SegmentConfig,
+    StitchConfig,
+)
+from pipeline.errors import InputError
+from pipeline.grid import Grid, iter_windows
+from pipeline.io import raster as rio_io
+from pipeline.io import store as zstore
+from pipeline.io import vector as vec_io
+from pipeline.metrics import EXCLUSION_REASONS, SemanticMetrics, semantic_metrics
+from pipeline.report import write_reports
+from pipeline.segment.classical import Expression, fit_kmeans, majority_mapping, otsu_threshold
+
+log = logging.getLogger("tileseg")
+
+
+# --------------------------------------------------------------------------- ingest
+def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool = True) -> Path:
+    """Rasters -> zarr v3 store with ``image`` (band, y, x), chunked (all bands, T, T).
+
+    All bands are resampled onto one target grid (``cfg.grid``; default the
+    finest band's grid) with GDAL's warper, window by window on Dask, so peak memory
+    depends on T and the band count, not on the raster size. The store is written
+    under a temporary name and renamed onto ``store`` when complete.
+
+    Returns:
+        ``store``.
+
+    Raises:
+        RasterIOError: an input is missing or unreadable, or the store cannot be written.
+        InputError: inconsistent inputs (band names, CRS).
+    """
+    bands = rio_io.describe_sources(sources, cfg.band_names)
+    grid = rio_io.target_grid(bands, cfg.grid.reference, cfg.grid.resolution)
+    nodata = cfg.nodata
+    if nodata is None:
+        file_nodata = {b.nodata for b in bands}
+        if len(file_nodata) == 1:
+            nodata = file_nodata.pop()
+        else:
+            log.warning("inputs disagree on nodata (%s); none is used. Set ingest.nodata to choose one", file_nodata)
+    image = apply.read_image(bands, grid, cfg.chunk_size, cfg.grid.resampling, nodata)
+    ds = zstore.image_dataset(image, grid, [b.name for b in bands], nodata)
+    store = Path(store)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f".{store.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        compute(zstore.write_image(ds, tmp, cfg.chunk_size), label=f"ingest -> {store}", progress=progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    zstore.publish_dir(tmp, store)
+    log.info("ingested %d bands, %d x %d px -> %s", len(bands), grid.width, grid.height, store)
+    return store
+
+
+# --------------------------------------------------------------------------- segment
+def _gt_array(gt: GroundTruthConfig, grid: Grid, chunks, class_names: list[str]):
+    """Lazy ground truth on ``grid`` and its nodata value."""
+    path = str(gt.path)
+    if vec_io.is_vector(path):
+        vec_io.check_vector(path, gt.class_column, class_names)
+        arr = apply.ground_truth(path, grid, chunks, GT_NODATA, gt.class_column, class_names, is_vector=True)
+        return arr, GT_NODATA
+    gt_grid, file_nodata, _ = rio_io.open_grid(path)
+    _check_overlap(grid, gt_grid, path)
+    nodata = gt.nodata if gt.nodata is not None else file_nodata
+    if nodata is None:
+        with rio_io._open(path) as ds:  # no nodata anywhere: the dtype's max marks "outside"
+            nodata = int(np.iinfo(np.dtype(ds.dtypes[0])).max)
+    arr = apply.ground_truth(path, grid, chunks, int(nodata), src_nodata=nodata)
+    return arr, int(nodata)
+
+
+def _check_overlap(grid: Grid, other: Grid, path: str) -> None:
+    from rasterio.crs import CRS
+    from rasterio.warp import transform_bounds
+
+    b = grid.bounds()
+    o = other.bounds()
+    if grid.crs_wkt and other.crs_wkt:
+        o = transform_bounds(CRS.from_wkt(other.crs_wkt), CRS.from_wkt(grid.crs_wkt), *o)
+    if o[0] >= b[2] or o[2] <= b[0] or o[1] >= b[3] or o[3] <= b[1]:
+        raise InputError(f"ground truth {path} (extent {tuple(round(v, 3) for v in o)}) does not overlap "
+                         f"the prediction (extent {tuple(round(v, 3) for v in b)})")
+
+
+def segment(
+    store: Path,
+    cfg: SegmentConfig,
+    classes: list[ClassInfo] | None = None,
+    ground_truth: GroundTruthConfig | None = None,
+    progress: bool = True,
+) -> Path:
+    """Classical segmentation of the store's ``image`` into ``labels`` (y, x), uint8.
+
+    Methods: ``threshold`` (band or index expression; fixed value or Otsu on the
+    whole-raster histogram) and ``kmeans`` (fitted once on a seeded sample of the whole
+    raster, optionally mapped to classes by majority vote in a training area).
+    ``labels`` is ``LABEL_NODATA`` (255) where any band used is nodata. The result is
+    identical for every chunking of the store.
+
+    Returns:
+        ``store``.
+
+    Raises:
+        InputError, ConfigError: unknown bands, no valid pixels, inconsistent options.
+    """
+    ds = zstore.open_store(store)
+    image = ds[zstore.IMAGE].data
+    band_names = list(ds[zstore.IMAGE].attrs["band_names"])
+    nodata = ds[zstore.IMAGE].attrs.get("nodata")
+    grid = zstore.store_grid(ds)
+    attrs: dict = {"nodata": LABEL_NODATA, "method": cfg.method}
+    class_names = [c.name for c in classes or []]
+
+    if cfg.method == "threshold":
+        tc = cfg.threshold
+        expr = Expression.parse(tc.expression, band_names)
+        valid = apply.valid_mask(image, [band_names.index(n) for n in expr.names], nodata)
+        values = apply.index_image(image, band_names, expr)
+        if tc.value is None:
+            lo, hi = compute(*apply.finite_range(values, valid), label="otsu: value range", progress=progress)
+            if not np.isfinite(lo):
+                raise InputError(f"no valid pixel for {tc.expression!r} (all nodata?)")
+            edges = np.linspace(float(lo), float(hi) if hi > lo else float(lo) + 1.0, tc.bins + 1)
+            (counts,) = compute(apply.global_histogram(values, valid, edges), label="otsu: histogram", progress=progress)
+            threshold = otsu_threshold(np.asarray(counts), edges)
+            log.info("Otsu threshold of %s: %.6g", tc.expression, threshold)
+        else:
+            threshold = tc.value
+        labels = apply.threshold_labels(values, valid, threshold, LABEL_NODATA)
+        attrs.update(expression=tc.expression, threshold=threshold, otsu=tc.value is None)
+        if not class_names:
+            class_names = ["below", "above"]
+    else:
+        kc = cfg.kmeans
+        feats = kc.bands or band_names
+        missing = [b for b in feats if b not in band_names]
+        if missing:
+            raise InputError(f"segment.kmeans.bands {missing} are not in the raster; bands are {band_names}")
+        idx = [band_names.index(b) for b in feats]
+        valid = apply.valid_mask(image, idx, nodata)
+        rows, cols = apply.sample_pixels(image, kc.sample_size, kc.seed)
+        vals, ok = compute(
+            apply.gather_pixels(image[idx], rows, cols),
+            apply.gather_pixels(valid[None], rows, cols)[:, 0],
+            label="kmeans: sampling",
+            progress=progress,
+        )
+        model = fit_kmeans(np.asarray(vals)[np.asarray(ok)], kc.n_clusters, kc.seed)
+        mapping = None
+        if kc.map_to_classes:
+            assert ground_truth is not None and kc.train_area is not None  # checked by RunConfig
+            clusters = apply.kmeans_labels(image, idx, model, valid, LABEL_NODATA)
+            gt, gt_nodata = _gt_array(ground_truth, grid, clusters.chunks, class_names)
+            area = apply.area_mask(grid, clusters.chunks, _bbox(kc.train_area))
+            size = max(kc.n_clusters, len(class_names))
+            (counts,) = compute(
+                apply.confusion(clusters, gt, size, LABEL_NODATA, gt_nodata, area),
+                label="kmeans: majority vote in the training area",
+                progress=progress,
+            )
+            contingency = np.asarray(counts)[: size * size].reshape(size, size)[: kc.n_clusters, : len(class_names)]
+            mapping = majority_mapping(contingency, model.centroids)
+            attrs["cluster_to_class"] = mapping.tolist()
+            log.info("cluster -> class: %s", {k: class_names[c] for k, c in enumerate(mapping)})
+        labels = apply.kmeans_labels(image, idx, model, valid, LABEL_NODATA, mapping)
+        attrs.update(bands=feats, centroids=model.centroids.tolist(), seed=kc.seed)
+        if mapping is None and not class_names:
+            class_names = [f"cluster_{k}" for k in range(kc.n_clusters)]
+    attrs["class_names"] = class_names
+    compute(zstore.write_labels(Path(store), labels, grid, attrs), label=f"segment ({cfg.method})", progress=progress)
+    return Path(store)
+
+
+def _bbox(b: BBox) -> tuple[float, float, float, float]:
+    return (b.xmin, b.ymin, b.xmax, b.ymax)
+
+
+# --------------------------------------------------------------------------- stitch
+def _colormap(class_names: list[str], classes: list[ClassInfo] | None) -> dict[int, tuple[int, int, int, int]]:
+    from matplotlib import colormaps
+
+    colours = {c.name: c.color for c in classes or [] if c.color}
+    palette = colormaps["tab20"]
+    cmap: dict[int, tuple[int, int, int, int]] = {}
+    for i, name in enumerate(class_names):
+        hexcol = colours.get(name)
+        if hexcol:
+            cmap[i] = (int(hexcol[1:3], 16), int(hexcol[3:5], 16), int(hexcol[5:7], 16), 255)
+        else:
+            r, g, b, _ = palette(i % 20)
+            cmap[i] = (round(r * 255), round(g * 255), round(b * 255), 255)
+    cmap[LABEL_NODATA] = (0, 0, 0, 0)
+    return cmap
+
+
+def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] | None = None,
+           progress: bool = True) -> Path:  # fmt: skip
+    """Store ``labels`` -> single-band Cloud-Optimized GeoTIFF.
+
+    Tiled (``cfg.blocksize``), compressed, internal overviews resampled with NEAREST
+    or MODE, an embedded colour table (one colour per class, nodata transparent), the
+    nodata tag, class names in the ``CLASS_NAMES`` tag, and exactly the store's CRS,
+    transform and shape. One process writes the file (design note), reading the store
+    chunk by chunk; the file appears under its name only when complete.
+
+    Raises:
+        InputError: the store has no labels (run segment first).
+        RasterIOError: the COG cannot be written.
+    """
+    ds = zstore.open_store(store)
+    if zstore.LABELS not in ds:
+        raise InputError(f"{store} has no labels; run `tileseg segment {store}` first")
+    labels = ds[zstore.LABELS]
+    grid = zstore.store_grid(ds)
+    class_names = list(labels.attrs.get("class_names") or [c.name for c in classes or []])
+    nodata = labels.attrs.get("nodata", LABEL_NODATA)
+    chunk = labels.data.chunksize[0]
+    windows = list(iter_windows(grid.height, grid.width, chunk))
+    bar = tqdm(total=len(windows), desc=f"stitch -> {Path(out).name}", unit="chunk", disable=not progress)
+
+    def blocks():
+        for w in windows:
+            arr = labels.isel(y=slice(w.row_off, w.row_off + w.height), x=slice(w.col_off, w.col_off + w.width))
+            yield w, np.asarray(arr.values)
+
+    try:
+        rio_io.write_cog(
+            out, grid, str(labels.dtype), nodata, blocks(),
+            colormap=_colormap(class_names, classes) if labels.dtype == np.uint8 else None,
+            class_names=class_names, blocksize=cfg.blocksize, compress=cfg.compress,
+            overview_resampling=cfg.overview_resampling, on_block=lambda: bar.update(1),
+        )  # fmt: skip
+    finally:
+        bar.close()
+    return Path(out)
+
+
+# --------------------------------------------------------------------------- evaluate
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` returns: the metrics, the class names and the report paths."""
+
+    metrics: SemanticMetrics
+    class_names: list[str]
+    report_json: Path
+    report_md: Path
+
+
+def _prediction(pred: Path, chunk: int):
+    """Lazy prediction (y, x), its grid, nodata and class names (from tags or store attrs)."""
+    if (pred / "zarr.json").is_file() if pred.is_dir() else False:
+        ds = zstore.open_store(pred)
+        if zstore.LABELS not in ds:
+            raise InputError(f"{pred} has no labels; run segment first")
+        lab = ds[zstore.LABELS]
+        return lab.data, zstore.store_grid(ds), lab.attrs.get("nodata"), list(lab.attrs.get("class_names") or [])
+    grid, nodata, tags = rio_io.open_grid(pred)
+    with rio_io._open(pred) as src:
+        dtype = src.dtypes[0]
+    from pipeline.grid import chunk_sizes
+
+    arr = apply.read_band(str(pred), (chunk_sizes(grid.height, chunk), chunk_sizes(grid.width, chunk)), dtype)
+    names = json.loads(tags["CLASS_NAMES"]) if "CLASS_NAMES" in tags else []
+    return arr, grid, (int(nodata) if nodata is not None else None), names
+
+
+def evaluate(
+    pred: Path,
+    gt: GroundTruthConfig,
+    class_names: list[str] | None = None,
+    area: BBox | None = None,
+    out_dir: Path | None = None,
+    chunk: int = 512,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Compare a label raster (GeoTIFF/COG, or a tileseg store) with ground truth.
+
+    Ground truth is a raster on any grid (reprojected onto the prediction grid with
+    nearest neighbour) or vector polygons with a class column (rasterized onto the
+    prediction grid; see :mod:`pipeline.io.vector` for the rule on overlaps). A
+    confusion matrix is accumulated chunk by chunk on Dask; unlabeled ground truth,
+    prediction nodata and pixels outside ``area`` are excluded and counted. Reports
+    ``report.json`` and ``report.md`` go to ``out_dir`` (default: next to ``pred``).
+
+    Raises:
+        InputError: no class names known, ids outside the class list, no overlap.
+    """
+    pred = Path(pred)
+    labels, grid, pred_nodata, names = _prediction(pred, chunk)
+    class_names = list(class_names or names)
+    if not class_names:
+        raise InputError(f"no class names known for {pred}; give them (config `classes` or --classes)")
+    gt_arr, gt_nodata = _gt_array(gt, grid, labels.chunks, class_names)
+    mask = apply.area_mask(grid, labels.chunks, _bbox(area)) if area is not None else None
+    k = len(class_names)
+    (counts,) = compute(apply.confusion(gt_arr, labels, k, gt_nodata, pred_nodata, mask),
+                        label="evaluate: confusion matrix", progress=progress)  # fmt: skip
+    counts = np.asarray(counts)
+    excluded = dict(zip(EXCLUSION_REASONS, (int(v) for v in counts[k * k :])))
+    if excluded["out_of_range"]:
+        raise InputError(
+            f"{excluded['out_of_range']} pixels have class ids outside 0..{k - 1} in the prediction or ground truth; "
+            f"the class list {class_names} is incomplete"
+        )
+    del excluded["out_of_range"]
+    metrics = semantic_metrics(counts[: k * k].reshape(k, k), excluded)
+    inputs = {"prediction": str(pred), "ground_truth": str(gt.path)}
+    if area is not None:
+        inputs["area"] = f"{_bbox(area)}"
+    jpath, mpath = write_reports(metrics, class_names, inputs, Path(out_dir) if out_dir else pred.parent)
+    return EvaluationResult(metrics, class_names, jpath, mpath)

@@ -1,0 +1,93 @@
+"""Ingest: georeferencing, band order and values round-trip; chunking does not change values."""
+
+import numpy as np
+import pytest
+import rioxarray  # noqa: F401
+import xarray as xr
+from affine import Affine
+
+from pipeline import stages
+from pipeline.config import GridConfig, IngestConfig
+from pipeline.errors import InputError, RasterIOError
+from tests import synth
+
+
+@pytest.fixture(scope="module")
+def multires(tmp_path_factory):
+    d = tmp_path_factory.mktemp("multires")
+    rng = np.random.default_rng(3)
+    a = rng.integers(1, 5000, size=(2, 120, 96), dtype=np.uint16)  # 10 m
+    b = rng.integers(1, 5000, size=(60, 48), dtype=np.uint16)  # 20 m
+    c = rng.integers(1, 5000, size=(20, 16), dtype=np.uint16)  # 60 m
+    paths = [
+        synth.write_tif(d / "ten.tif", a, res=10, names=["R", "G"]),
+        synth.write_tif(d / "scene_B20.tif", b, res=20),
+        synth.write_tif(d / "scene_B60.tif", c, res=60),
+    ]
+    return d, paths, a, b, c
+
+
+def _ingest(paths, store, **kw):
+    grid = kw.pop("grid", GridConfig())
+    return stages.ingest(paths, store, IngestConfig(grid=grid, **kw), progress=False)
+
+
+def test_multires_roundtrip_crs_transform_order_values(multires, tmp_path):
+    d, paths, a, b, c = multires
+    store = _ingest(paths, tmp_path / "s.zarr", chunk_size=32, grid=GridConfig(resampling="nearest"))
+    ds = xr.open_zarr(store)
+    img = ds["image"]
+    assert img.dims == ("band", "y", "x")
+    assert img.shape == (4, 120, 96)
+    assert img.rio.crs.to_epsg() == 32633
+    assert ds.rio.transform() == Affine(10, 0, synth.ORIGIN[0], 0, -10, synth.ORIGIN[1])
+    assert img.attrs["band_names"] == ["R", "G", "B20", "B60"]
+    vals = img.values
+    np.testing.assert_array_equal(vals[:2], a)
+    np.testing.assert_array_equal(vals[2], np.repeat(np.repeat(b, 2, 0), 2, 1))
+    np.testing.assert_array_equal(vals[3], np.repeat(np.repeat(c, 6, 0), 6, 1))
+    assert img.chunks == ((4,), (32, 32, 32, 24), (32, 32, 32))
+    # pixel-centre coordinates
+    assert float(ds.x[0]) == synth.ORIGIN[0] + 5 and float(ds.y[0]) == synth.ORIGIN[1] - 5
+
+
+def test_bilinear_ingest_does_not_depend_on_chunking(multires, tmp_path):
+    d, paths, *_ = multires
+    ref = xr.open_zarr(_ingest(paths, tmp_path / "one.zarr", chunk_size=1024))["image"].values
+    for t in (16, 48):
+        got = xr.open_zarr(_ingest(paths, tmp_path / f"t{t}.zarr", chunk_size=t))["image"].values
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_coarser_target_resolution(multires, tmp_path):
+    d, paths, *_ = multires
+    ds = xr.open_zarr(_ingest(paths, tmp_path / "r.zarr", grid=GridConfig(resolution=20.0)))
+    assert ds["image"].shape == (4, 60, 48)
+    assert ds.rio.transform().a == 20.0
+
+
+def test_nodata_and_band_names_kept(scene, tmp_path):
+    ds = xr.open_zarr(_ingest([scene["tif"]], tmp_path / "s.zarr", chunk_size=256))
+    assert ds["image"].attrs["nodata"] == 0
+    assert ds["image"].rio.nodata == 0
+    assert ds["image"].attrs["band_names"] == ["B02", "B03", "B04", "B08"]
+    np.testing.assert_array_equal(ds["image"].values, scene["image"])
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(RasterIOError, match="not found"):
+        _ingest([tmp_path / "nope.tif"], tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_not_a_raster(tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_text("this is not a GeoTIFF")
+    with pytest.raises(RasterIOError, match="not a|cannot read"):
+        _ingest([bad], tmp_path / "s.zarr")
+
+
+def test_wrong_band_name_count(multires, tmp_path):
+    d, paths, *_ = multires
+    with pytest.raises(InputError, match="band_names"):
+        _ingest(paths, tmp_path / "s.zarr", band_names=["x"])

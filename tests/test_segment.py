@@ -1,0 +1,110 @@
+"""Classical segmentation: chunk-size invariance (the oracle test), Otsu from the global
+histogram, expressions, k-means with majority-vote mapping."""
+
+import numpy as np
+import pytest
+import xarray as xr
+from skimage.filters import threshold_otsu
+
+from pipeline import stages
+from pipeline.config import (
+    BBox,
+    ClassInfo,
+    GroundTruthConfig,
+    IngestConfig,
+    KMeansConfig,
+    SegmentConfig,
+    ThresholdConfig,
+)
+from pipeline.errors import ConfigError, InputError
+from pipeline.segment.classical import Expression
+
+CHUNKINGS = [128, 256, 512, 1024]  # 1024 > 1000 x 777: one single chunk
+
+OTSU = SegmentConfig(method="threshold", threshold=ThresholdConfig(expression="(B03 - B08) / (B03 + B08)"))
+CLASSES = [ClassInfo(name=n) for n in ("a", "b", "c", "d")]
+
+
+@pytest.fixture(scope="module")
+def stores(scene, tmp_path_factory):
+    d = tmp_path_factory.mktemp("stores")
+    return {
+        t: stages.ingest([scene["tif"]], d / f"t{t}.zarr", IngestConfig(chunk_size=t), progress=False)
+        for t in CHUNKINGS
+    }
+
+
+def _labels(store, cfg, **kw):
+    stages.segment(store, cfg, progress=False, **kw)
+    return xr.open_zarr(store)["labels"]
+
+
+def test_otsu_labels_identical_for_every_chunking(stores, scene):
+    results = {t: _labels(s, OTSU) for t, s in stores.items()}
+    ref = results[1024].values
+    assert results[1024].attrs["otsu"] is True
+    for t, lab in results.items():
+        assert lab.chunks == xr.open_zarr(stores[t])["image"].chunks[1:]
+        assert lab.attrs["threshold"] == results[1024].attrs["threshold"]
+        np.testing.assert_array_equal(lab.values, ref, err_msg=f"T={t}")
+    # nodata collar -> label nodata; both classes present elsewhere
+    assert (ref[:5] == 255).all() and (ref[:, :5] == 255).all()
+    assert set(np.unique(ref[5:, 5:])) == {0, 1}
+
+
+def test_otsu_threshold_is_global_and_matches_skimage(stores, scene):
+    lab = _labels(stores[128], OTSU)
+    img = scene["image"].astype(np.float64)
+    valid = (img[1] != 0) & (img[3] != 0)
+    ndwi = (img[1][valid] - img[3][valid]) / (img[1][valid] + img[3][valid])
+    edges = np.linspace(ndwi.min(), ndwi.max(), OTSU.threshold.bins + 1)
+    counts, _ = np.histogram(ndwi, bins=edges)
+    expected = threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2))
+    assert lab.attrs["threshold"] == pytest.approx(expected, rel=1e-12)
+    # and close to skimage's Otsu on the raw values (different binning)
+    assert lab.attrs["threshold"] == pytest.approx(threshold_otsu(ndwi), abs=5e-3)
+
+
+def test_fixed_threshold(stores, scene):
+    cfg = SegmentConfig(method="threshold", threshold=ThresholdConfig(expression="B04", value=2000))
+    lab = _labels(stores[256], cfg).values
+    b04 = scene["image"][2]
+    inner = np.s_[5:, 5:]
+    np.testing.assert_array_equal(lab[inner], (b04[inner] > 2000).astype(np.uint8))
+
+
+def test_kmeans_labels_identical_for_every_chunking(stores):
+    cfg = SegmentConfig(method="kmeans", kmeans=KMeansConfig(n_clusters=5, sample_size=20_000, seed=3))
+    results = {t: _labels(s, cfg).values for t, s in stores.items()}
+    for t, lab in results.items():
+        np.testing.assert_array_equal(lab, results[1024], err_msg=f"T={t}")
+    assert set(np.unique(results[1024])) == {0, 1, 2, 3, 4, 255}
+
+
+def test_kmeans_majority_vote_recovers_classes_and_is_chunk_invariant(stores, scene):
+    gt = GroundTruthConfig(path=scene["gt_tif"])
+    train = BBox(xmin=330000, ymin=5822040 - 7770, xmax=330000 + 5000, ymax=5822040)  # west half
+    cfg = SegmentConfig(
+        method="kmeans",
+        kmeans=KMeansConfig(n_clusters=8, sample_size=20_000, map_to_classes=True, train_area=train),
+    )
+    results = {t: _labels(s, cfg, classes=CLASSES, ground_truth=gt) for t, s in stores.items()}
+    ref = results[1024].values
+    for t, lab in results.items():
+        np.testing.assert_array_equal(lab.values, ref, err_msg=f"T={t}")
+    assert results[1024].attrs["class_names"] == ["a", "b", "c", "d"]
+    # the synthetic classes are well separated: the mapping finds them
+    inner = np.s_[5:, 5:]
+    assert (ref[inner] == scene["classes"][inner]).mean() > 0.95
+
+
+def test_expression_rejects_code_and_unknown_bands():
+    names = ["B03", "B08"]
+    assert Expression.parse("(B03 - B08) / (B03 + B08)", names).names == ("B03", "B08")
+    for bad in ("__import__('os')", "B03.real", "B03 if B08 else 1", "[B03]", "B03 % 2"):
+        with pytest.raises(ConfigError):
+            Expression.parse(bad, names)
+    with pytest.raises(InputError, match=r"\['B99'\]"):
+        Expression.parse("B99 + B03", names)
+    vals = Expression.parse("-B03 ** 2 / 4 + 1", names).evaluate({"B03": np.array([2.0]), "B08": np.array([0.0])})
+    np.testing.assert_allclose(vals, [0.0])
