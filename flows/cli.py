@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +23,9 @@ def run(
     cfg = guarded(lambda: load(config, set_))
     # No telemetry from an offline machine; set here, at the process edge, not at import.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # tileseg's log records go through Prefect's handlers (console and the run's logs in the UI)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tileseg")
+    logging.getLogger("tileseg").handlers.clear()
     from flows.landcover import landcover_run
 
     outputs = guarded(lambda: landcover_run(cfg))

@@ -55,8 +55,7 @@ def landcover_run(config: RunConfig) -> dict[str, str]:
     """Run the whole land-cover pipeline for one config; returns the output paths."""
     logger = get_run_logger()
     outputs: dict[str, str] = {}
-    with dask_client(config.dask) as client:
-        logger.info("Dask dashboard: %s", client.dashboard_link)
+    with dask_client(config.dask):  # logs the Dask dashboard link
         store = ingest_task(config)
         store = segment_task(store, config)
         cog = stitch_task(store, config)

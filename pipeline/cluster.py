@@ -47,32 +47,37 @@ def dask_client(cfg: DaskConfig) -> Iterator[Any]:
     """
     from distributed import Client, LocalCluster
 
+    # distributed logs every scheduler, nanny and worker event at INFO; a run shows warnings only
+    dlog = logging.getLogger("distributed")
+    level = dlog.level
+    dlog.setLevel(logging.WARNING)
     cluster = None
     try:
-        if cfg.scheduler_address:
-            client = Client(cfg.scheduler_address, timeout="20s")
-        else:
-            cluster = LocalCluster(
-                n_workers=cfg.n_workers,
-                threads_per_worker=cfg.threads_per_worker,
-                memory_limit=cfg.memory_limit,
-                processes=cfg.processes,
-                dashboard_address=":0",
-                silence_logs=logging.WARNING,
-            )
-            client = Client(cluster)
-    except OSError as exc:
-        if cluster is not None:
-            cluster.close()
-        where = cfg.scheduler_address or "a LocalCluster"
-        raise ClusterError(f"cannot start or reach the Dask scheduler at {where}: {exc}") from None
-    log.info("Dask dashboard: %s", client.dashboard_link)
-    try:
-        yield client
+        try:
+            if cfg.scheduler_address:
+                client = Client(cfg.scheduler_address, timeout="20s")
+            else:
+                cluster = LocalCluster(
+                    n_workers=cfg.n_workers,
+                    threads_per_worker=cfg.threads_per_worker,
+                    memory_limit=cfg.memory_limit,
+                    processes=cfg.processes,
+                    dashboard_address=":0",
+                    silence_logs=logging.WARNING,
+                )
+                client = Client(cluster)
+        except OSError as exc:
+            where = cfg.scheduler_address or "a LocalCluster"
+            raise ClusterError(f"cannot start or reach the Dask scheduler at {where}: {exc}") from None
+        log.info("Dask dashboard: %s", client.dashboard_link)
+        try:
+            yield client
+        finally:
+            client.close()
     finally:
-        client.close()
         if cluster is not None:
             cluster.close()
+        dlog.setLevel(level)
 
 
 def compute(*objs: Any, label: str, progress: bool = True) -> tuple[Any, ...]:

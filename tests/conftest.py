@@ -25,14 +25,19 @@ def scene(tmp_path_factory) -> dict:
     return {"dir": d, "tif": tif, "image": image, "classes": classes, "gt": gt, "gt_tif": gt_tif}
 
 
-@pytest.fixture
-def prefect_home(tmp_path, monkeypatch) -> Path:
-    """A throw-away Prefect home and no telemetry, for tests that run flows."""
-    home = tmp_path / "prefect-home"
-    monkeypatch.setenv("PREFECT_HOME", str(home))
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    monkeypatch.setenv("PREFECT_API_URL", "")
-    return home
+@pytest.fixture(scope="session")
+def prefect_home(tmp_path_factory):
+    """Prefect's test harness (a temporary database and API server, stopped cleanly at the
+    end of the session) in a throw-away PREFECT_HOME, without telemetry."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(home))
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield home
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

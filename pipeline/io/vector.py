@@ -11,16 +11,23 @@ Features whose class is not in the class list are ignored (left unlabeled).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import rasterize
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from pipeline.errors import InputError, RasterIOError
 from pipeline.grid import Grid
+
+# rasterio.features.rasterize builds an in-memory dataset and, under threads, sometimes
+# warns that it has no geotransform before it is set; the burned pixels are unaffected
+# (tested against a single-threaded run). Narrow filter: that category from that module.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.features")
 
 VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".gml", ".kml", ".parquet"}
 
