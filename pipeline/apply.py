@@ -16,7 +16,7 @@ import dask.array as da
 import numpy as np
 
 from pipeline.grid import Grid, block_window, bbox_mask, chunk_sizes
-from pipeline.io.raster import BandSource, read_onto_grid
+from pipeline.io.raster import BandSource, read_onto_grid, read_window
 from pipeline.io.vector import rasterize_window
 from pipeline.metrics import EXCLUSION_REASONS, chunk_counts
 from pipeline.segment.classical import Expression, KMeansModel, histogram
@@ -158,8 +158,6 @@ def kmeans_labels(
 
 
 def _raster_block(path, block_info=None) -> np.ndarray:
-    from pipeline.io.raster import read_window
-
     return read_window(path, block_window(block_info[None]["array-location"]))
 
 

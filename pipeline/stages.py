@@ -29,7 +29,7 @@ from pipeline.config import (
     StitchConfig,
 )
 from pipeline.errors import InputError
-from pipeline.grid import Grid, iter_windows
+from pipeline.grid import Grid, chunk_sizes, iter_windows
 from pipeline.io import raster as rio_io
 from pipeline.io import store as zstore
 from pipeline.io import vector as vec_io
@@ -90,12 +90,11 @@ def _gt_array(gt: GroundTruthConfig, grid: Grid, chunks, class_names: list[str])
         vec_io.check_vector(path, gt.class_column, class_names)
         arr = apply.ground_truth(path, grid, chunks, GT_NODATA, gt.class_column, class_names, is_vector=True)
         return arr, GT_NODATA
-    gt_grid, file_nodata, _ = rio_io.open_grid(path)
-    _check_overlap(grid, gt_grid, path)
-    nodata = gt.nodata if gt.nodata is not None else file_nodata
-    if nodata is None:
-        with rio_io._open(path) as ds:  # no nodata anywhere: the dtype's max marks "outside"
-            nodata = int(np.iinfo(np.dtype(ds.dtypes[0])).max)
+    info = rio_io.raster_info(path)
+    _check_overlap(grid, info.grid, path)
+    nodata = gt.nodata if gt.nodata is not None else info.nodata
+    if nodata is None:  # no nodata anywhere: the dtype's max marks "unlabeled" and "outside"
+        nodata = int(np.iinfo(np.dtype(info.dtype)).max)
     arr = apply.ground_truth(path, grid, chunks, int(nodata), src_nodata=nodata)
     return arr, int(nodata)
 
@@ -279,18 +278,15 @@ class EvaluationResult:
 
 def _prediction(pred: Path, chunk: int):
     """Lazy prediction (y, x), its grid, nodata and class names (from tags or store attrs)."""
-    if (pred / "zarr.json").is_file() if pred.is_dir() else False:
+    if (pred / "zarr.json").is_file():
         ds = zstore.open_store(pred)
         if zstore.LABELS not in ds:
             raise InputError(f"{pred} has no labels; run segment first")
         lab = ds[zstore.LABELS]
         return lab.data, zstore.store_grid(ds), lab.attrs.get("nodata"), list(lab.attrs.get("class_names") or [])
-    grid, nodata, tags = rio_io.open_grid(pred)
-    with rio_io._open(pred) as src:
-        dtype = src.dtypes[0]
-    from pipeline.grid import chunk_sizes
-
-    arr = apply.read_band(str(pred), (chunk_sizes(grid.height, chunk), chunk_sizes(grid.width, chunk)), dtype)
+    info = rio_io.raster_info(pred)
+    grid, nodata, tags = info.grid, info.nodata, info.tags
+    arr = apply.read_band(str(pred), (chunk_sizes(grid.height, chunk), chunk_sizes(grid.width, chunk)), info.dtype)
     names = json.loads(tags["CLASS_NAMES"]) if "CLASS_NAMES" in tags else []
     return arr, grid, (int(nodata) if nodata is not None else None), names
 

@@ -97,3 +97,23 @@ def test_library_never_imports_prefect():
         "assert 'prefect' not in sys.modules, [m for m in sys.modules if m.startswith('prefect')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_existing_scheduler_address_is_used(scene, tmp_path):
+    """dask.scheduler_address points the stages at an already running cluster."""
+    from distributed import LocalCluster, get_task_stream
+
+    from pipeline import stages
+    from pipeline.cluster import current_client, dask_client
+    from pipeline.config import DaskConfig, IngestConfig
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        with dask_client(DaskConfig(scheduler_address=cluster.scheduler_address)) as client:
+            assert current_client() is client
+            with get_task_stream(client) as stream:
+                stages.ingest([scene["tif"]], tmp_path / "s.zarr", IngestConfig(chunk_size=512), progress=False)
+            # the existing cluster's worker read and wrote every chunk (2 x 2 chunks of 512 px; read+write fused)
+            keys = [t["key"] for t in stream.data]
+            writes = {k for k in keys if isinstance(k, tuple) and str(k[0]).startswith("store-map")}
+            assert len(writes) == 4, writes
+        assert cluster.scheduler.status.name == "running"  # an external cluster is left running

@@ -127,3 +127,31 @@ def test_stitch_without_labels_refuses(scene, tmp_path):
     with pytest.raises(InputError, match="no labels"):
         stages.stitch(store, tmp_path / "x.tif", StitchConfig(), CLASSES, progress=False)
     assert not (tmp_path / "x.tif").exists()
+
+
+def test_evaluating_the_store_equals_evaluating_the_cog(run, scene, tmp_path):
+    gt = GroundTruthConfig(path=scene["gt_tif"], nodata=255)
+    names = ["a", "b", "c", "d"]
+    from_cog = stages.evaluate(run["cog"], gt, names, None, tmp_path / "c", 256, progress=False)
+    from_store = stages.evaluate(run["store"], gt, names, None, tmp_path / "s", 256, progress=False)
+    np.testing.assert_array_equal(from_cog.metrics.confusion, from_store.metrics.confusion)
+    assert from_cog.metrics.excluded == from_store.metrics.excluded
+
+
+def test_vector_ground_truth_on_threads_equals_single_thread(tmp_path):
+    import dask
+
+    from pipeline import apply
+
+    rng = np.random.default_rng(5)
+    x0, y1 = synth.ORIGIN
+    boxes = [box(x0 + a, y1 - b - 300, x0 + a + 300, y1 - b) for a, b in rng.uniform(0, 2000, size=(40, 2))]
+    gdf = gpd.GeoDataFrame({"cls": rng.choice(["land", "water"], 40)}, geometry=boxes, crs="EPSG:32633")
+    gdf.to_file(tmp_path / "many.gpkg")
+    grid = Grid(rasterio.crs.CRS.from_epsg(32633).to_wkt(), rasterio.Affine(10, 0, x0, 0, -10, y1), 230, 250)
+    one = rasterize_window(tmp_path / "many.gpkg", "cls", ["land", "water"], grid, Window(0, 0, 250, 230), 255)
+    lazy = apply.ground_truth(str(tmp_path / "many.gpkg"), grid, ((64,) * 3 + (38,), (64,) * 3 + (58,)), 255,
+                              "cls", ["land", "water"], is_vector=True)  # fmt: skip
+    with dask.config.set(scheduler="threads", num_workers=4):
+        np.testing.assert_array_equal(lazy.compute(), one)
+    assert (one != 255).mean() > 0.2

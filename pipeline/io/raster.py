@@ -183,15 +183,25 @@ def read_onto_grid(
         raise RasterIOError(f"reading {path} window {window!r} failed: {exc}") from None
 
 
-def open_grid(path: str | Path) -> tuple[Grid, float | None, dict[str, str]]:
-    """Grid, band-1 nodata and dataset tags of a raster file.
+@dataclass(frozen=True)
+class RasterInfo:
+    """What :func:`raster_info` reads: the grid, band 1's dtype and nodata, and dataset tags."""
+
+    grid: Grid
+    dtype: str
+    nodata: float | None
+    tags: dict[str, str]
+
+
+def raster_info(path: str | Path) -> RasterInfo:
+    """Grid, band-1 dtype and nodata, and dataset tags of a raster file.
 
     Raises:
         RasterIOError: missing or unreadable file.
     """
     with _open(path) as ds:
         grid = Grid(ds.crs.to_wkt() if ds.crs else None, ds.transform, ds.height, ds.width)
-        return grid, ds.nodata, dict(ds.tags())
+        return RasterInfo(grid, ds.dtypes[0], ds.nodata, dict(ds.tags()))
 
 
 def read_window(path: str | Path, window: Window, band: int = 1) -> np.ndarray:
