@@ -122,12 +122,55 @@ class KMeansConfig(_Model):
     train_area: BBox | None = Field(default=None, description="Area for the majority vote (map units).")
 
 
+class UNetConfig(_Model):
+    """Tiled U-Net (or FCN) inference with overlap blending on one global window grid."""
+
+    model: Path | None = Field(default=None, description="Saved model: NAME.safetensors with NAME.json beside it.")
+    window: int = Field(default=256, ge=16, le=8192, description="Inference window edge W, pixels.")
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0, description="Window overlap; stride S = round(W*(1-overlap)).")
+    blend: Literal["hann", "gaussian"] = Field(default="hann", description="Window weighting for blending.")
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Windows per model call.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    probabilities: bool = Field(default=False, description="Also write `probabilities` (class, y, x) float16.")
+
+
 class SegmentConfig(_Model):
     """Options of the segment stage."""
 
-    method: Literal["threshold", "kmeans"] = "kmeans"
+    method: Literal["threshold", "kmeans", "unet"] = "kmeans"
     threshold: ThresholdConfig = ThresholdConfig()
     kmeans: KMeansConfig = KMeansConfig()
+    unet: UNetConfig = UNetConfig()
+
+    @model_validator(mode="after")
+    def _model_given(self) -> SegmentConfig:
+        if self.method == "unet" and self.unet.model is None:
+            raise ValueError("segment.method 'unet' needs segment.unet.model (a .safetensors file)")
+        return self
+
+
+class TrainConfig(_Model):
+    """Training a segmentation model on labeled rasters (`tileseg train`)."""
+
+    arch: str = Field(default="Unet", description="smp architecture (Unet, FPN, ...) or 'fcn_resnet50'.")
+    encoder: str = "resnet18"
+    encoder_depth: int = Field(default=3, ge=1, le=5)
+    decoder_channels: list[int] | None = Field(default=[64, 32, 16])
+    encoder_weights: str | None = Field(default=None, description="Pretrained encoder weights (needs internet).")
+    bands: list[str] | None = Field(default=None, description="Input bands. Default: all bands of the store.")
+    train_area: BBox
+    val_area: BBox
+    tile: int = Field(default=128, ge=16, description="Training chip edge, pixels.")
+    stride: int = Field(default=64, ge=1, description="Stride between candidate chips, pixels.")
+    epochs: int = Field(default=40, ge=1)
+    patience: int = Field(default=8, ge=1, description="Early stopping: epochs without a better validation mIoU.")
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    loss: Literal["ce", "dice", "ce+dice"] = "ce+dice"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: Path = Field(default=Path("models/model.safetensors"), description="Where the model is saved.")
 
 
 class StitchConfig(_Model):
@@ -192,6 +235,7 @@ class RunConfig(_Model):
     segment: SegmentConfig = SegmentConfig()
     stitch: StitchConfig = StitchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    train: TrainConfig | None = None
     dask: DaskConfig = DaskConfig()
 
     @field_validator("classes", mode="before")

@@ -27,6 +27,7 @@ from pipeline.config import (
     IngestConfig,
     SegmentConfig,
     StitchConfig,
+    UNetConfig,
 )
 from pipeline.errors import InputError
 from pipeline.grid import Grid, chunk_sizes, iter_windows
@@ -122,10 +123,12 @@ def segment(
     """Classical segmentation of the store's ``image`` into ``labels`` (y, x), uint8.
 
     Methods: ``threshold`` (band or index expression; fixed value or Otsu on the
-    whole-raster histogram) and ``kmeans`` (fitted once on a seeded sample of the whole
-    raster, optionally mapped to classes by majority vote in a training area).
-    ``labels`` is ``LABEL_NODATA`` (255) where any band used is nodata. The result is
-    identical for every chunking of the store.
+    whole-raster histogram), ``kmeans`` (fitted once on a seeded sample of the whole
+    raster, optionally mapped to classes by majority vote in a training area) and
+    ``unet`` (a saved model applied on overlapping windows of one global grid, softmax
+    probabilities blended with a window function; see :mod:`pipeline.blend`).
+    ``labels`` is ``LABEL_NODATA`` (255) where any band used is nodata (for ``unet``:
+    where all its bands are). The result does not depend on the chunking of the store.
 
     Returns:
         ``store``.
@@ -141,7 +144,12 @@ def segment(
     attrs: dict = {"nodata": LABEL_NODATA, "method": cfg.method}
     class_names = [c.name for c in classes or []]
 
-    if cfg.method == "threshold":
+    probabilities = None
+    if cfg.method == "unet":
+        labels, probabilities, extra, class_names = _unet_labels(Path(store), image, band_names, nodata, cfg.unet,
+                                                                 class_names)  # fmt: skip
+        attrs.update(extra)
+    elif cfg.method == "threshold":
         tc = cfg.threshold
         expr = Expression.parse(tc.expression, band_names)
         valid = apply.valid_mask(image, [band_names.index(n) for n in expr.names], nodata)
@@ -197,8 +205,37 @@ def segment(
         if mapping is None and not class_names:
             class_names = [f"cluster_{k}" for k in range(kc.n_clusters)]
     attrs["class_names"] = class_names
-    compute(zstore.write_labels(Path(store), labels, grid, attrs), label=f"segment ({cfg.method})", progress=progress)
+    compute(
+        zstore.write_labels(Path(store), labels, grid, attrs, probabilities),
+        label=f"segment ({cfg.method})",
+        progress=progress,
+    )
     return Path(store)
+
+
+def _unet_labels(store: Path, image, band_names, nodata, cfg: UNetConfig, class_names: list[str]):
+    """Lazy labels and probabilities of the U-Net path, plus label attributes and class names."""
+    from pipeline.blend import WindowGrid
+    from pipeline.segment.unet import check_bands, describe, load_spec, resolve_device
+
+    assert cfg.model is not None  # checked by SegmentConfig
+    spec = load_spec(cfg.model)
+    band_idx = check_bands(spec, band_names)
+    if class_names and class_names != spec.classes:
+        raise InputError(f"config classes {class_names} differ from the model's classes {spec.classes}")
+    wgrid = WindowGrid.from_overlap(cfg.window, cfg.overlap, spec.divisor)
+    device = resolve_device(cfg.device)
+    log.info("U-Net %s on %s: window %d, stride %d, %s blending", describe(spec), device, wgrid.window,
+             wgrid.stride, cfg.blend)  # fmt: skip
+    probs = apply.unet_probabilities(
+        str(store), image, band_idx, wgrid, cfg.blend, str(cfg.model), device, cfg.batch_size,
+        nodata, len(spec.classes),
+    )  # fmt: skip
+    valid = apply.any_band_valid(image[band_idx], nodata)
+    labels = apply.argmax_labels(probs, valid, LABEL_NODATA)
+    attrs = {"model": str(cfg.model), "window": wgrid.window, "stride": wgrid.stride, "blend": cfg.blend}
+    out_probs = probs.astype(np.float16) if cfg.probabilities else None
+    return labels, out_probs, attrs, list(spec.classes)
 
 
 def _bbox(b: BBox) -> tuple[float, float, float, float]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests import synth
@@ -47,4 +46,3 @@ def repo_root() -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    np.seterr(all="warn")

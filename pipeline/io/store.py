@@ -29,6 +29,7 @@ from pipeline.grid import Grid
 
 IMAGE = "image"
 LABELS = "labels"
+PROBABILITIES = "probabilities"
 
 
 def _georeference(ds: xr.Dataset, grid: Grid) -> xr.Dataset:
@@ -91,16 +92,48 @@ def _drop_variable(store: Path, name: str) -> None:
             zarr.consolidate_metadata(store, zarr_format=3)
 
 
-def write_labels(store: Path, labels: da.Array, grid: Grid, attrs: dict[str, Any]) -> Any:
-    """Prepare writing ``labels`` (y, x) into an existing store; returns a Dask delayed to compute.
+def write_labels(
+    store: Path,
+    labels: da.Array,
+    grid: Grid,
+    attrs: dict[str, Any],
+    probabilities: da.Array | None = None,
+) -> Any:
+    """Prepare writing ``labels`` (y, x) (and optionally ``probabilities`` (class, y, x),
+    float16) into an existing store; returns a Dask delayed to compute.
 
-    ``labels`` must be chunked like the store's ``image`` (y, x) chunks.
+    Arrays must be chunked like the store's ``image`` in (y, x), so every task writes
+    whole zarr chunks. Earlier ``labels``/``probabilities`` are replaced whole.
     """
-    _drop_variable(store, LABELS)  # a re-run replaces labels whole, attributes included
-    arr = xr.DataArray(labels, dims=("y", "x"), coords=_coords(grid), name=LABELS, attrs=dict(attrs))
-    ds = _georeference(arr.to_dataset(), grid)
+    for name in (LABELS, PROBABILITIES):
+        _drop_variable(store, name)  # a re-run replaces them whole, attributes included
+    coords = _coords(grid)
+    data_vars = {LABELS: xr.DataArray(labels, dims=("y", "x"), coords=coords, attrs=dict(attrs))}
     chunks = (labels.chunks[0][0], labels.chunks[1][0])
-    return _to_zarr(ds, store, "a", {LABELS: {"chunks": chunks}})
+    encoding: dict[str, Any] = {LABELS: {"chunks": chunks}}
+    if probabilities is not None:
+        names = list(attrs.get("class_names") or [])
+        data_vars[PROBABILITIES] = xr.DataArray(
+            probabilities, dims=("class", "y", "x"), coords=coords, attrs={"class_names": names}
+        )
+        encoding[PROBABILITIES] = {"chunks": (probabilities.shape[0],) + chunks}
+    ds = _georeference(xr.Dataset(data_vars), grid)
+    return _to_zarr(ds, store, "a", encoding)
+
+
+def read_region(store: str | Path, bands: list[int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """Read ``image[bands, r0:r1, c0:c1]`` of a store straight from zarr, shape (len(bands), r1-r0, c1-c0).
+
+    Raises:
+        RasterIOError: the store cannot be read.
+    """
+    import zarr
+
+    try:
+        arr = zarr.open_array(Path(store) / IMAGE, mode="r")
+        return np.asarray(arr.oindex[list(bands), r0:r1, c0:c1])
+    except Exception as exc:  # zarr raises many types for missing or damaged chunks
+        raise RasterIOError(f"cannot read image[{r0}:{r1}, {c0}:{c1}] from {store}: {exc}") from None
 
 
 def open_store(path: str | Path) -> xr.Dataset:

@@ -1,0 +1,242 @@
+"""U-Net (segmentation-models-pytorch) and FCN (torchvision) models: build, save, load, predict.
+
+A saved model is two files side by side:
+
+- ``NAME.safetensors``: the weights (safetensors; loading never unpickles);
+- ``NAME.json``: the sidecar :class:`ModelSpec`: architecture and encoder, input band
+  names and order, per-band normalisation (mean/std in the input's units), class names
+  (id = position), the tile size and halo used in training, and the tileseg version.
+
+Models run on (N, C, H, W) float32 batches normalised with the sidecar's statistics and
+return per-class probabilities (softmax over C, never raw logits). One model instance
+is cached per process and device (:func:`cached_model`), so a Dask worker loads it once,
+not once per task.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import InputError, RasterIOError
+
+#: resnet layers that an encoder of depth d < 5 never runs (smp keeps them; we drop them)
+_RESNET_STAGES = {4: ("layer4",), 3: ("layer3", "layer4"), 2: ("layer2", "layer3", "layer4"),
+                  1: ("layer1", "layer2", "layer3", "layer4")}  # fmt: skip
+
+
+class ModelSpec(BaseModel):
+    """Everything needed to rebuild and apply a saved model (the JSON sidecar)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field(description="smp architecture name (Unet, UnetPlusPlus, FPN, ...) or 'fcn_resnet50'.")
+    encoder: str = "resnet18"
+    encoder_depth: int = Field(default=5, ge=1, le=5)
+    decoder_channels: list[int] | None = None
+    bands: list[str] = Field(description="Input band names, in the order the model expects.")
+    mean: list[float] = Field(description="Per-band mean of the training pixels, input units.")
+    std: list[float] = Field(description="Per-band standard deviation of the training pixels, input units.")
+    classes: list[str] = Field(description="Class names; output channel i is class id i.")
+    tile_size: int = Field(description="Training chip edge, pixels.")
+    halo: int = Field(default=0, description="Halo (pixels) recommended around each inference window.")
+    tileseg_version: str = ""
+    trained: dict[str, Any] = Field(default_factory=dict, description="Provenance: config, epochs, scores.")
+
+    @property
+    def divisor(self) -> int:
+        """Window edges must be multiples of this (the encoder's total downsampling)."""
+        return 8 if self.arch == "fcn_resnet50" else 2**self.encoder_depth
+
+
+def build_model(spec: ModelSpec, encoder_weights: str | None = None):
+    """Build the torch module described by ``spec`` (weights random, or ``encoder_weights``).
+
+    ``encoder_weights`` other than None needs internet (smp downloads them); tileseg
+    never does that by default.
+
+    Raises:
+        InputError: unknown architecture or encoder.
+    """
+    n_in, n_out = len(spec.bands), len(spec.classes)
+    if spec.arch == "fcn_resnet50":
+        from torchvision.models.segmentation import fcn_resnet50
+
+        net = fcn_resnet50(weights=None, weights_backbone=None, num_classes=n_out, aux_loss=False)
+        net.backbone.conv1 = nn.Conv2d(n_in, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        return FCNWrapper(net)
+    import segmentation_models_pytorch as smp
+
+    kwargs: dict[str, Any] = {
+        "encoder_name": spec.encoder,
+        "encoder_weights": encoder_weights,
+        "in_channels": n_in,
+        "classes": n_out,
+        "encoder_depth": spec.encoder_depth,
+    }
+    if spec.decoder_channels is not None:
+        kwargs["decoder_channels"] = tuple(spec.decoder_channels)
+    try:
+        net = smp.create_model(spec.arch, **kwargs)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot build {spec.arch} with encoder {spec.encoder}: {exc}") from None
+    if spec.encoder.startswith("resnet") and spec.encoder_depth in _RESNET_STAGES:
+        for name in _RESNET_STAGES[spec.encoder_depth]:  # never run at this depth: keep checkpoints small
+            if hasattr(net.encoder, name):
+                delattr(net.encoder, name)
+    return net
+
+
+class FCNWrapper(nn.Module):
+    """torchvision's FCN returns ``{"out": logits}``; this returns the logits tensor like smp models."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)["out"]
+
+
+def save_model(net, spec: ModelSpec, path: str | Path) -> Path:
+    """Save weights as ``path`` (.safetensors) and the sidecar next to it (.json)."""
+    from safetensors.torch import save_file
+
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", "tileseg": "model"})
+    path.with_suffix(".json").write_text(spec.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Read the JSON sidecar of a model.
+
+    Raises:
+        RasterIOError: missing sidecar or weights; InputError: invalid sidecar.
+    """
+    path = Path(path)
+    weights, sidecar = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    for p in (weights, sidecar):
+        if not p.is_file():
+            raise RasterIOError(f"model file not found: {p} (a model is NAME.safetensors + NAME.json)")
+    try:
+        return ModelSpec.model_validate_json(sidecar.read_text())
+    except ValueError as exc:
+        raise InputError(f"{sidecar} is not a valid tileseg model sidecar: {exc}".splitlines()[0]) from None
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """Load ``(module, spec)``: weights with safetensors (no pickle), module in eval mode on ``device``.
+
+    Raises:
+        RasterIOError: missing files; InputError: weights that do not fit the sidecar, or a
+            file that is not safetensors (a pickle is refused, never executed).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    spec = load_spec(path)
+    weights = Path(path).with_suffix(".safetensors")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{weights} is not a safetensors file ({exc}); refusing to load it") from None
+    net = build_model(spec)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(
+            f"{weights} does not match its sidecar ({len(missing)} missing, {len(unexpected)} unexpected tensors)"
+        )
+    return net.to(device).eval(), spec
+
+
+def check_bands(spec: ModelSpec, band_names: list[str]) -> list[int]:
+    """Indices of the model's input bands in ``band_names``, in the model's order.
+
+    Raises:
+        InputError: naming the bands the raster lacks.
+    """
+    missing = [b for b in spec.bands if b not in band_names]
+    if missing:
+        raise InputError(f"the model needs bands {missing} that the raster lacks (raster bands: {band_names})")
+    return [band_names.index(b) for b in spec.bands]
+
+
+def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> str:
+    """'cuda' when asked or when ``auto`` finds a GPU, else 'cpu'.
+
+    Raises:
+        InputError: 'cuda' asked but no GPU is visible.
+    """
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("segment.unet.device is 'cuda' but no GPU is visible; use 'auto' or 'cpu'")
+    return device
+
+
+_CACHE: dict[tuple[str, str], tuple[Any, ModelSpec]] = {}
+_LOCK = threading.Lock()
+
+
+def cached_model(path: str | Path, device: str):
+    """The process-wide instance of a model on a device, loaded on first use."""
+    key = (str(Path(path).resolve()), device)
+    with _LOCK:
+        if key not in _CACHE:
+            net, spec = load_model(path, device)
+            if device == "cuda":
+                net = net.to(memory_format=torch.channels_last)
+            _CACHE[key] = (net, spec)
+        return _CACHE[key]
+
+
+def predict_probabilities(net, batch: np.ndarray, device: str) -> np.ndarray:
+    """Softmax probabilities of a normalised batch.
+
+    Args:
+        batch: float32 (N, C, H, W), already normalised.
+        device: 'cpu' or 'cuda' (bf16 autocast and channels_last there).
+
+    Returns:
+        float32 (N, K, H, W), summing to 1 over K.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+    with torch.inference_mode():
+        if device == "cuda":
+            x = x.to(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = net(x)
+        else:
+            logits = net(x)
+        probs = torch.softmax(logits.float(), dim=1)
+    return probs.cpu().numpy()
+
+
+def normalise(batch: np.ndarray, spec: ModelSpec, valid: np.ndarray | None = None) -> np.ndarray:
+    """(N, C, H, W) input units -> float32 ``(x - mean) / std`` per band; pixels where
+    ``valid`` (N, H, W) is False are set to 0 (the band mean)."""
+    mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
+    out = (batch.astype(np.float32) - mean) / std
+    if valid is not None:
+        out *= valid[:, None, :, :]
+    return out
+
+
+def describe(spec: ModelSpec) -> str:
+    """One line naming the model, for logs."""
+    return f"{spec.arch}/{spec.encoder} depth {spec.encoder_depth}, bands {spec.bands}, classes {spec.classes}"
+
+
+def spec_json(spec: ModelSpec) -> str:
+    return json.dumps(spec.model_dump(), sort_keys=True)

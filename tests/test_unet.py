@@ -1,0 +1,122 @@
+"""U-Net inference through the segment stage: chunking invariance, nodata, checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from pipeline import stages
+from pipeline.config import IngestConfig, SegmentConfig, UNetConfig
+from pipeline.errors import InputError
+from pipeline.segment.unet import ModelSpec, build_model, load_model, save_model
+from tests import synth
+
+BANDS = ["B02", "B03", "B04", "B08"]
+
+
+def tiny_spec(**kw) -> ModelSpec:
+    base = dict(arch="Unet", encoder="resnet18", encoder_depth=2, decoder_channels=[16, 8], bands=BANDS,
+                mean=[2000.0] * 4, std=[1000.0] * 4, classes=["a", "b", "c"], tile_size=64)  # fmt: skip
+    base.update(kw)
+    return ModelSpec(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    spec = tiny_spec()
+    net = build_model(spec)
+    with torch.no_grad():  # make the random model's classes less balanced, so labels vary
+        for p in net.parameters():
+            p.mul_(3.0)
+    return save_model(net, spec, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def odd_scene(tmp_path_factory):
+    """700 x 530 px (x, y), 4 bands, nodata collar of 5 px."""
+    d = tmp_path_factory.mktemp("odd")
+    classes = synth.class_map(530, 700, n_classes=3, seed=4)
+    img = synth.bands_from_classes(classes, n_bands=4, seed=5, nodata_collar=5)
+    return synth.write_tif(d / "odd.tif", img, nodata=0, names=BANDS), img
+
+
+def _segment(tif, tmp, chunk, model, **unet):
+    store = stages.ingest([tif], tmp / f"c{chunk}.zarr", IngestConfig(chunk_size=chunk), progress=False)
+    cfg = SegmentConfig(method="unet", unet=UNetConfig(model=model, window=64, overlap=0.25, batch_size=4,
+                                                       device="cpu", probabilities=True, **unet))  # fmt: skip
+    stages.segment(store, cfg, progress=False)
+    return xr.open_zarr(store)
+
+
+def test_unet_result_does_not_depend_on_chunking(odd_scene, tiny_model, tmp_path):
+    tif, img = odd_scene
+    ref = _segment(tif, tmp_path, 1024, tiny_model)  # one single piece
+    ref_p = ref["probabilities"].values.astype(np.float32)
+    ref_l = ref["labels"].values
+    assert ref["probabilities"].dtype == np.float16
+    assert len(np.unique(ref_l[5:, 5:])) >= 2
+    for chunk in (96, 200, 512):
+        ds = _segment(tif, tmp_path, chunk, tiny_model)
+        assert ds["labels"].chunks == ((chunk,) * (530 // chunk) + ((530 % chunk,) if 530 % chunk else ()),
+                                       (chunk,) * (700 // chunk) + ((700 % chunk,) if 700 % chunk else ()))
+        np.testing.assert_array_equal(ds["labels"].values, ref_l, err_msg=f"chunk {chunk}")
+        assert np.abs(ds["probabilities"].values.astype(np.float32) - ref_p).max() < 1e-5
+
+
+def test_unet_float32_probabilities_match_single_piece_in_memory(odd_scene, tiny_model, tmp_path):
+    """The stage's chunked run equals blend_region on the whole in-memory raster (float32, < 1e-5)."""
+    from pipeline.blend import WindowGrid, blend_region, window_weights
+    from pipeline.segment.unet import normalise, predict_probabilities
+
+    tif, img = odd_scene
+    ds = _segment(tif, tmp_path, 128, tiny_model, blend="gaussian")
+    net, spec = load_model(tiny_model)
+    g = WindowGrid.from_overlap(64, 0.25, spec.divisor)
+
+    def predict(b):
+        return predict_probabilities(net, normalise(b, spec, ~(b == 0).all(axis=1)), "cpu")
+
+    whole = blend_region(lambda a, b, c, d: img[:, a:b, c:d], img.shape[1:], (0, 530), (0, 700), g,
+                         window_weights(64, "gaussian"), predict, 3, 4).astype(np.float32)  # fmt: skip
+    valid = (img != 0).any(axis=0)
+    labels = np.where(valid, whole.argmax(axis=0), 255)
+    np.testing.assert_array_equal(ds["labels"].values, labels)
+    assert np.abs(ds["probabilities"].values.astype(np.float32) - whole).max() < 1e-3  # float16 storage
+
+
+def test_nodata_where_all_bands_are_nodata(odd_scene, tiny_model, tmp_path):
+    tif, img = odd_scene
+    lab = _segment(tif, tmp_path, 256, tiny_model)["labels"].values
+    assert (lab[:5] == 255).all() and (lab[:, :5] == 255).all()
+    assert (lab[5:, 5:] != 255).all()
+
+
+def test_checkpoint_with_other_bands_is_refused(odd_scene, tmp_path):
+    tif, _ = odd_scene
+    spec = tiny_spec(bands=["B02", "B03", "B11", "B12"])
+    path = save_model(build_model(spec), spec, tmp_path / "other.safetensors")
+    with pytest.raises(InputError, match=r"\['B11', 'B12'\]"):
+        _segment(tif, tmp_path, 256, path)
+
+
+def test_pickle_checkpoint_is_refused_never_executed(tmp_path):
+    spec = tiny_spec()
+    path = save_model(build_model(spec), spec, tmp_path / "m.safetensors")
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    torch.save({"x": Boom()}, path)  # a pickle where the weights should be
+    with pytest.raises(InputError, match="not a safetensors file"):
+        load_model(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_fcn_baseline_runs_through_the_same_path(odd_scene, tmp_path):
+    tif, _ = odd_scene
+    spec = tiny_spec(arch="fcn_resnet50")
+    path = save_model(build_model(spec), spec, tmp_path / "fcn.safetensors")
+    lab = _segment(tif, tmp_path, 512, path)["labels"].values
+    assert lab.shape == (530, 700) and set(np.unique(lab[5:, 5:])) <= {0, 1, 2}
