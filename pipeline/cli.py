@@ -177,6 +177,29 @@ def evaluate(
     typer.echo(f"reports: {result.report_json} {result.report_md}")
 
 
+@app.command()
+def train(config: Annotated[Path, typer.Argument(help="YAML run config with a `train` section.")],
+          set_: SetOpt = None) -> None:  # fmt: skip
+    """Train a U-Net (or FCN) on the config's inputs and ground truth; ingests first if the store is missing."""
+    from pipeline import stages
+    from pipeline.errors import ConfigError
+
+    def go() -> Path:
+        cfg = load(config, set_)
+        if cfg.train is None or cfg.evaluate.ground_truth is None:
+            raise ConfigError("training needs a `train` section and evaluate.ground_truth in the config")
+        tc, gt = cfg.train, cfg.evaluate.ground_truth
+
+        def run() -> Path:
+            if not (cfg.store_path / "zarr.json").is_file():
+                stages.ingest(cfg.inputs, cfg.store_path, cfg.ingest, cfg.dask.progress)
+            return stages.train(cfg.store_path, tc, gt, cfg.classes, cfg.dask.progress)
+
+        return _with_cluster(cfg, run)
+
+    typer.echo(f"model: {guarded(go)}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -168,6 +168,9 @@ class TrainConfig(_Model):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     loss: Literal["ce", "dice", "ce+dice"] = "ce+dice"
+    class_weighting: Literal["none", "inverse_sqrt"] = Field(
+        default="none", description="Cross-entropy class weights from the training label frequencies."
+    )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: Path = Field(default=Path("models/model.safetensors"), description="Where the model is saved.")

@@ -27,6 +27,7 @@ from pipeline.config import (
     IngestConfig,
     SegmentConfig,
     StitchConfig,
+    TrainConfig,
     UNetConfig,
 )
 from pipeline.errors import InputError
@@ -373,3 +374,118 @@ def evaluate(
         inputs["area"] = f"{_bbox(area)}"
     jpath, mpath = write_reports(metrics, class_names, inputs, Path(out_dir) if out_dir else pred.parent)
     return EvaluationResult(metrics, class_names, jpath, mpath)
+
+
+# --------------------------------------------------------------------------- train
+def _area_slices(grid: Grid, area: BBox) -> tuple[slice, slice]:
+    """Row and column ranges of the pixels whose centres lie in ``area``.
+
+    Raises:
+        InputError: the area holds no pixel of the grid.
+    """
+    xs = np.flatnonzero((grid.x_centres() >= area.xmin) & (grid.x_centres() < area.xmax))
+    ys = np.flatnonzero((grid.y_centres() >= area.ymin) & (grid.y_centres() < area.ymax))
+    if not len(xs) or not len(ys):
+        raise InputError(f"area {_bbox(area)} holds no pixel of the raster (extent {grid.bounds()})")
+    return slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
+
+
+def _read_chips(image, gt, gt_nodata: int, nodata, grid: Grid, area: BBox, tile: int, stride: int,
+                progress: bool, label: str):  # fmt: skip
+    """Chips of ``tile`` px every ``stride`` px inside ``area``; chips without a labeled pixel are skipped.
+
+    The area (not the raster) is read into memory.
+    """
+    from pipeline.segment.training import IGNORE, Chips
+
+    rs, cs = _area_slices(grid, area)
+    img, lab = compute(image[:, rs, cs], gt[rs, cs], label=f"train: reading the {label} area", progress=progress)
+    img, lab = np.asarray(img), np.asarray(lab).astype(np.int64)
+    valid = np.ones(img.shape[1:], bool) if nodata is None else ~(img == nodata).all(axis=0)
+    lab[(lab == gt_nodata) | ~valid] = IGNORE
+    h, w = lab.shape
+    if h < tile or w < tile:
+        raise InputError(f"the {label} area is {w} x {h} px, smaller than one {tile} px chip")
+    origins = [(r, c) for r in range(0, h - tile + 1, stride) for c in range(0, w - tile + 1, stride)]
+    keep = [(r, c) for r, c in origins if (lab[r : r + tile, c : c + tile] != IGNORE).any()]
+    log.info("%s area: %d of %d chips hold labeled pixels", label, len(keep), len(origins))
+    pick = lambda a, r, c: a[..., r : r + tile, c : c + tile]  # noqa: E731
+    return Chips(
+        np.stack([pick(img, r, c) for r, c in keep]) if keep else np.zeros((0, img.shape[0], tile, tile)),
+        np.stack([pick(lab, r, c) for r, c in keep]) if keep else np.zeros((0, tile, tile), np.int64),
+        np.stack([pick(valid, r, c) for r, c in keep]) if keep else np.zeros((0, tile, tile), bool),
+    )
+
+
+def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classes: list[ClassInfo],
+          progress: bool = True) -> Path:  # fmt: skip
+    """Train a segmentation model on the store's ``image`` against ground truth; save it.
+
+    Chips of ``cfg.tile`` px are cut every ``cfg.stride`` px inside ``cfg.train_area``
+    (chips without labeled pixels are skipped) and every ``cfg.tile`` px inside
+    ``cfg.val_area``. Band statistics for normalisation come from the training chips.
+    The model with the best validation mIoU is saved to ``cfg.out`` (.safetensors + .json),
+    with a per-epoch log beside it (``.log.jsonl``).
+
+    Returns:
+        the .safetensors path.
+
+    Raises:
+        InputError: unknown bands, no classes, empty areas.
+    """
+    import time
+
+    import torch
+
+    from pipeline import __version__
+    from pipeline.segment import training
+    from pipeline.segment.unet import ModelSpec, build_model, normalise, resolve_device, save_model
+
+    ds = zstore.open_store(store)
+    image = ds[zstore.IMAGE].data
+    band_names = list(ds[zstore.IMAGE].attrs["band_names"])
+    nodata = ds[zstore.IMAGE].attrs.get("nodata")
+    grid = zstore.store_grid(ds)
+    bands = cfg.bands or band_names
+    missing = [b for b in bands if b not in band_names]
+    if missing:
+        raise InputError(f"train.bands {missing} are not in the raster; bands are {band_names}")
+    class_names = [c.name for c in classes]
+    if not class_names:
+        raise InputError("training needs `classes` in the config")
+    image = image[[band_names.index(b) for b in bands]]
+    gt, gt_nodata = _gt_array(ground_truth, grid, image.chunks[1:], class_names)
+    tr = _read_chips(image, gt, gt_nodata, nodata, grid, cfg.train_area, cfg.tile, cfg.stride, progress, "training")
+    va = _read_chips(image, gt, gt_nodata, nodata, grid, cfg.val_area, cfg.tile, cfg.tile, progress, "validation")
+    mean, std = training.band_statistics(tr)
+    spec = ModelSpec(
+        arch=cfg.arch, encoder=cfg.encoder, encoder_depth=cfg.encoder_depth, decoder_channels=cfg.decoder_channels,
+        bands=bands, mean=mean, std=std, classes=class_names, tile_size=cfg.tile, halo=0, tileseg_version=__version__,
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)  # the random initial weights are part of a seeded run
+    net = build_model(spec, cfg.encoder_weights)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out).with_suffix(".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.with_suffix(".log.jsonl")
+    log_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    result = training.train(
+        net, lambda im, v: normalise(im, spec, v), tr, va, len(class_names),
+        epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, loss=cfg.loss, weighting=cfg.class_weighting, seed=cfg.seed, device=device, log_path=log_path,
+        progress=progress,
+    )  # fmt: skip
+    spec.trained = {
+        "config": cfg.model_dump(mode="json"),
+        "ground_truth": str(ground_truth.path),
+        "train_chips": len(tr),
+        "val_chips": len(va),
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "best_val_miou": round(result.best_val_miou, 6),
+        "device": device,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    log.info("best validation mIoU %.4f at epoch %d", result.best_val_miou, result.best_epoch)
+    return save_model(result.net.cpu(), spec, out)

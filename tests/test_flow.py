@@ -54,3 +54,23 @@ def test_landcover_flow_on_real_scene(sample, repo_root, tmp_path, prefect_home,
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
     assert {"iou-table", "iou-report"} <= keys
+
+
+def test_train_flow_saves_a_model_and_publishes_an_artifact(sample, repo_root, tmp_path, prefect_home, monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from flows.train import train_run
+    from pipeline.segment.unet import load_spec
+
+    monkeypatch.chdir(repo_root)
+    cfg = load_config(
+        repo_root / "config" / "default.yaml",
+        [f"output_dir={tmp_path / 'out'}", "dask.processes=false", "dask.n_workers=1", "dask.progress=false",
+         "train.encoder_depth=2", "train.decoder_channels=[16, 8]", "train.epochs=1", "train.tile=64",
+         "train.stride=128", f"train.out={tmp_path / 'm.safetensors'}"],
+    )  # fmt: skip
+    model = train_run(cfg)
+    spec = load_spec(model)
+    assert spec.trained["epochs_run"] == 1 and spec.bands == cfg.train.bands
+    with get_client(sync_client=True) as client:
+        assert "training" in {a.key for a in client.read_artifacts()}

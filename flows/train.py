@@ -1,0 +1,48 @@
+"""Prefect flow ``train_run``: ingest (if needed) -> train, a thin adapter over :mod:`pipeline.stages`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pipeline import stages
+from pipeline.cluster import dask_client
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
+from pipeline.segment.unet import load_spec
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest_if_missing(config: RunConfig) -> Path:
+    if (config.store_path / "zarr.json").is_file():
+        return config.store_path
+    return stages.ingest(config.inputs, config.store_path, config.ingest, config.dask.progress)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(store: Path, config: RunConfig) -> Path:
+    assert config.train is not None and config.evaluate.ground_truth is not None
+    return stages.train(store, config.train, config.evaluate.ground_truth, config.classes, config.dask.progress)
+
+
+@flow(name="train_run", log_prints=True)
+def train_run(config: RunConfig) -> str:
+    """Train the model described by ``config.train``; returns the saved model's path."""
+    if config.train is None or config.evaluate.ground_truth is None:
+        raise ConfigError("training needs a `train` section and evaluate.ground_truth in the config")
+    with dask_client(config.dask):
+        model = train_task(ingest_if_missing(config), config)
+    spec = load_spec(model)
+    create_markdown_artifact(
+        key="training",
+        markdown=(
+            f"# Model `{model}`\n\n- architecture: {spec.arch} / {spec.encoder} (depth {spec.encoder_depth})\n"
+            f"- bands: {', '.join(spec.bands)}\n- best validation mIoU: {spec.trained.get('best_val_miou')}"
+            f" at epoch {spec.trained.get('best_epoch')} of {spec.trained.get('epochs_run')}\n"
+        ),
+        description="Training result",
+    )
+    return str(model)
