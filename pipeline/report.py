@@ -190,6 +190,8 @@ def exclusion_table(doc: dict[str, Any]) -> list[dict[str, str]]:
     rows = [{"pixels": "evaluated", "count": f"{doc['evaluated_pixels']:,}", "share": share(doc["evaluated_pixels"]),
              "meaning": "inside the area, with valid image, ground truth and prediction"}]  # fmt: skip
     for reason, meaning in doc["exclusion_rules"]["reasons"].items():
+        if reason == "nodata_image" and str(doc.get("image_validity", "")).startswith("not available"):
+            meaning = "not checked: no image was available (see image validity)"
         rows.append({"pixels": reason.replace("_", " "), "count": f"{ex[reason]:,}", "share": share(ex[reason]),
                      "meaning": meaning})  # fmt: skip
     rows.append({"pixels": "excluded, total", "count": f"{ex['total']:,}", "share": share(ex["total"]), "meaning": ""})
