@@ -228,14 +228,14 @@ def evaluate(
         )  # fmt: skip
         ev = cfg.evaluate
         assert ev.ground_truth is not None
-        img = ev.image
+        img, guessed = ev.image, False
         if img is None and config is not None and cfg.store_path.is_dir() and not (pred / "zarr.json").is_file():
-            img = cfg.store_path  # the run's store (tileseg run wrote PRED from it)
+            img, guessed = cfg.store_path, True  # the run's store, used when it is on PRED's grid
         return _with_cluster(
             cfg,
             lambda: stages.evaluate(pred, ev.ground_truth, cfg.classes or None, ev.area, out_dir, cfg.ingest.chunk_size,
                                     cfg.dask.progress, prediction=ev.prediction, image=img, report=ev.report,
-                                    run_config_hash=cfg.config_hash()),  # fmt: skip
+                                    run_config_hash=cfg.config_hash(), image_optional=guessed),  # fmt: skip
         )
 
     result = guarded(go)

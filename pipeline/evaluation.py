@@ -155,8 +155,9 @@ class _Image:
     path: Path
 
 
-def _image(p: _Prediction, pred: Path, image: Path | None) -> tuple[_Image | None, str]:
-    """The image used for valid(image) and the quicklook, and a sentence saying which."""
+def _image(p: _Prediction, pred: Path, image: Path | None, optional: bool) -> tuple[_Image | None, str]:
+    """The image used for valid(image) and the quicklook, and a sentence saying which.
+    ``optional``: an image store on another grid is skipped (and said so) instead of refused."""
     chunks = p.labels.chunks
     if image is None and p.store_image is not None:
         arr, path = p.store_image, pred
@@ -165,6 +166,8 @@ def _image(p: _Prediction, pred: Path, image: Path | None) -> tuple[_Image | Non
         if zstore.IMAGE not in ds:
             raise InputError(f"{image} has no image")
         if not rio_io.same_grid(zstore.store_grid(ds), p.grid):
+            if optional:
+                return None, f"not available: the store {image} is not on the prediction's grid"
             raise InputError(f"image store {image} is not on the prediction's grid; give a raster or the matching store")
         arr, path = ds[zstore.IMAGE], Path(image)
     elif image is not None:
@@ -256,6 +259,7 @@ def evaluate(
     image: Path | None = None,
     report: ReportConfig | None = None,
     run_config_hash: str | None = None,
+    image_optional: bool = False,
 ) -> EvaluationResult:
     """Compare a label raster (any GeoTIFF/COG of integer class ids, or a tileseg store)
     with ground truth, and write the report files and the error map.
@@ -276,6 +280,8 @@ def evaluate(
         image: image for valid(image) and the quicklook (a tileseg store or a raster).
             Default: the prediction's store when ``pred`` is a store; else none, which
             the report states.
+        image_optional: ``image`` is a guess (the run's store): skip it, saying so in the
+            report, when it is not on the prediction's grid, instead of refusing.
         report: quicklook bands and size, checksums on/off.
         run_config_hash: hash of the run config to record; default: the hash of this
             call's evaluation settings.
@@ -308,7 +314,7 @@ def evaluate(
     gt_ignore = resolve_ids(gt.ignore_classes, names, "evaluate.ground_truth.ignore_classes", allow_raw=True)
     pred_ignore = resolve_ids(prediction.ignore_classes, names, "evaluate.prediction.ignore_classes", allow_raw=True)
     mask, window = _area(area, p.grid, chunks)
-    img, image_note = _image(p, pred, image)
+    img, image_note = _image(p, pred, image, image_optional)
     valid = apply.image_valid(img.data, img.nodata) if img is not None else None
     err_nodata = p.nodata if p.nodata is not None and 3 <= p.nodata <= 255 else LABEL_NODATA
     counts, errors = apply.evaluation(gt_arr, p.labels, k, gt_nodata, p.nodata, mask, valid, gt_ignore, pred_ignore,

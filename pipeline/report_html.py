@@ -174,7 +174,7 @@ def quicklook_png(q: Quicklook, names: list[str], colours: dict[int, RGBA], exte
     h, w = q.pred.shape
     aspect = h / max(w, 1)
     panel_w = 4.2
-    fig = _figure(4 * panel_w, panel_w * aspect + 1.6)
+    fig = _figure(4 * panel_w, panel_w * aspect + 0.8)
     axes = fig.subplots(1, 4)
     xmin, ymin, xmax, ymax = extent
     ext = (xmin, xmax, ymin, ymax)

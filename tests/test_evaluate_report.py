@@ -373,3 +373,17 @@ def test_area_outside_the_prediction_is_an_error(small, tmp_path):
     with pytest.raises(InputError, match=r"evaluation area bbox \(0, 0, 10, 10\).*does not overlap"):
         stages.evaluate(small["pred_tif"], _gt(small), NAMES, far, tmp_path, 64,
                         progress=False)  # fmt: skip
+
+
+def test_image_store_on_another_grid(small, tmp_path):
+    from pipeline.config import IngestConfig
+
+    img = synth.write_tif(tmp_path / "img.tif", np.ones((2, 20, 30), np.uint16), nodata=0)
+    store = stages.ingest([img], tmp_path / "other.zarr", IngestConfig(chunk_size=16), progress=False)
+    with pytest.raises(InputError, match="not on the prediction's grid"):
+        stages.evaluate(small["pred_tif"], _gt(small), NAMES, None, tmp_path / "a", 64, progress=False, image=store)
+    # a guessed image (tileseg evaluate --config: the run's store) is skipped, and the report says so
+    res = stages.evaluate(small["pred_tif"], _gt(small), NAMES, None, tmp_path / "b", 64, progress=False, image=store,
+                          image_optional=True)  # fmt: skip
+    assert res.report["image_validity"].startswith("not available: the store")
+    assert "image" not in res.report["inputs"]
