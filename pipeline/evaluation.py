@@ -27,7 +27,8 @@ import dask.array as da
 import numpy as np
 from rasterio.windows import Window
 
-from pipeline import apply
+from pipeline import apply, report_html
+from pipeline import report as rep
 from pipeline.classes import class_colormap, resolve_ids, value_lookup
 from pipeline.cluster import compute
 from pipeline.config import (
@@ -51,8 +52,6 @@ from pipeline.metrics import EXCLUSION_REASONS, SemanticMetrics, semantic_metric
 
 log = logging.getLogger("tileseg")
 
-#: Colours of the error map's colour table and quicklook: excluded grey, correct green, wrong red.
-ERROR_COLOURS = {0: (190, 190, 190, 255), 1: (26, 152, 80, 255), 2: (215, 48, 39, 255)}
 ERROR_NAMES = ["excluded", "correct", "wrong"]
 
 
@@ -296,9 +295,6 @@ def evaluate(
         ConfigError: a class named in ignore_classes or class_map is not in the class list.
         RasterIOError: unreadable inputs, unwritable outputs.
     """
-    from pipeline import report as rep
-    from pipeline import report_html
-
     pred = Path(pred)
     prediction = prediction or PredictionConfig()
     report = report or ReportConfig()
@@ -348,7 +344,10 @@ def evaluate(
     finally:
         shutil.rmtree(tmp_errors, ignore_errors=True)
 
-    colours = {c: tuple(v) for c, v in (p.colormap or class_colormap(names, infos)).items() if c < k}
+    # class colours: the prediction COG's colour table for the classes it names, else config colours / palette
+    colours = class_colormap(names, infos)
+    cog_ids = range(len(p.class_names) if p.class_names else k)
+    colours = {c: tuple((p.colormap or {}).get(c, colours[c])) if c in cog_ids else colours[c] for c in range(k)}
     settings = {
         "prediction": str(pred), "ground_truth": gt.model_dump(mode="json"), "class_names": names,
         "area": area.model_dump(mode="json") if area else None, "prediction_options": prediction.model_dump(mode="json"),
@@ -376,15 +375,14 @@ def evaluate(
             "colours": {names[c]: "#%02x%02x%02x" % v[:3] for c, v in colours.items()},
         },
     )
-    quick = report_html.Quicklook.from_arrays(looks, names, colours, step, window) if looks else None
-    paths = {n: out_dir / f"report.{n}" for n in ("html", "md", "json")}
-    staged = [
-        (files.write_staged(paths["html"], report_html.render(doc, metrics, names, colours, quick, p.grid.bounds(window))),
-         paths["html"]),
-        (files.write_staged(paths["md"], rep.markdown(doc)), paths["md"]),
-        (files.write_staged(paths["json"], json.dumps(doc, indent=2) + "\n"), paths["json"]),
-    ]
-    files.publish(staged)  # report.json last: its presence means the set is complete
+    quick = report_html.Quicklook.from_arrays(looks, step, window)
+    texts = {
+        "html": report_html.render(doc, metrics, names, colours, quick, p.grid.bounds(window)),
+        "md": rep.markdown(doc),
+        "json": json.dumps(doc, indent=2) + "\n",  # last: its presence means the set is complete
+    }
+    paths = {n: out_dir / f"report.{n}" for n in texts}
+    files.publish_texts([(paths[n], text) for n, text in texts.items()])
     return EvaluationResult(metrics, names, paths["json"], paths["md"], paths["html"], error_map, doc)
 
 
@@ -399,6 +397,6 @@ def _write_error_map(tmp: Path, out: Path, grid: Grid, nodata: int) -> Path:
                 h, w = min(cy, grid.height - r), min(cx, grid.width - c)
                 yield Window(c, r, w, h), np.asarray(arr[r : r + h, c : c + w].compute(scheduler="sync"))
 
-    cmap = {**ERROR_COLOURS, nodata: (0, 0, 0, 0)}
+    cmap = {**report_html.ERROR_RGBA, nodata: (0, 0, 0, 0)}
     return rio_io.write_cog(out, grid, "uint8", nodata, blocks(), colormap=cmap, class_names=ERROR_NAMES,
                             blocksize=512, overview_resampling="nearest", description="error map")  # fmt: skip

@@ -22,7 +22,8 @@ from pipeline.metrics import ERROR_CORRECT, ERROR_EXCLUDED, ERROR_WRONG, Semanti
 from pipeline.report import aggregate_table, exclusion_table, iou_table, not_applicable_sentence
 
 RGBA = tuple[int, int, int, int]
-_ERROR_RGBA = {ERROR_EXCLUDED: (190, 190, 190, 255), ERROR_CORRECT: (26, 152, 80, 255), ERROR_WRONG: (215, 48, 39, 255)}
+#: Colours of the error map (its COG colour table and the quicklook): excluded grey, correct green, wrong red.
+ERROR_RGBA = {ERROR_EXCLUDED: (190, 190, 190, 255), ERROR_CORRECT: (26, 152, 80, 255), ERROR_WRONG: (215, 48, 39, 255)}
 _UNLABELED = (255, 255, 255, 0)
 
 
@@ -46,8 +47,8 @@ class Quicklook:
     window: Window
 
     @classmethod
-    def from_arrays(cls, looks: list[np.ndarray], names: list[str], colours: dict[int, RGBA], step: int,
-                    window: Window) -> Quicklook:  # fmt: skip
+    def from_arrays(cls, looks: list[np.ndarray], step: int, window: Window) -> Quicklook:
+        """From [pred, gt, errors] or [pred, gt, errors, rgb, valid], as computed by the evaluate stage."""
         pred, gt, err, *rest = (np.asarray(a) for a in looks)
         rgb, valid = (rest[0], rest[1]) if rest else (None, None)
         return cls(pred, gt, err, rgb, valid, step, window)
@@ -185,7 +186,7 @@ def quicklook_png(q: Quicklook, names: list[str], colours: dict[int, RGBA], exte
     axes[1].imshow(_classes_rgba(q.pred, colours, k), extent=ext, interpolation="nearest")
     axes[2].imshow(_classes_rgba(q.gt, colours, k), extent=ext, interpolation="nearest")
     err = np.zeros(q.errors.shape + (4,), dtype=np.uint8)
-    for code, rgba in _ERROR_RGBA.items():
+    for code, rgba in ERROR_RGBA.items():
         err[q.errors == code] = rgba
     err[q.errors == err_nodata] = _UNLABELED
     axes[3].imshow(err, extent=ext, interpolation="nearest")
@@ -200,7 +201,7 @@ def quicklook_png(q: Quicklook, names: list[str], colours: dict[int, RGBA], exte
                for c, n in enumerate(names)]  # fmt: skip
     handles.append(Patch(facecolor="white", edgecolor="#333", label="unlabeled / no data"))
     fig.legend(handles=handles, loc="outside lower left", ncol=min(len(handles), 9), fontsize=9, frameon=False)
-    err_handles = [Patch(facecolor=np.array(_ERROR_RGBA[c]) / 255, edgecolor="#333", label=lab)
+    err_handles = [Patch(facecolor=np.array(ERROR_RGBA[c]) / 255, edgecolor="#333", label=lab)
                    for c, lab in ((ERROR_CORRECT, "correct"), (ERROR_WRONG, "wrong"), (ERROR_EXCLUDED, "excluded"))]  # fmt: skip
     fig.legend(handles=err_handles, loc="outside lower right", ncol=3, fontsize=9, frameon=False)
     return _png(fig)

@@ -79,6 +79,7 @@ def test_evaluate_equals_in_memory_for_any_chunking(run, scene, chunk, tmp_path)
     report = json.loads(res.report_json.read_text())
     assert report["confusion_matrix"]["counts"] == res.metrics.confusion.tolist()
     assert "mIoU" in res.report_md.read_text()
+    assert report["colours"] == {"land": "#00ff00", "water": "#0000ff"}  # the COG's colour table
 
 
 def test_evaluate_area_and_shifted_ground_truth(run, scene, tmp_path):

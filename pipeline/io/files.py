@@ -71,31 +71,25 @@ def tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_staged(path: Path, data: str | bytes) -> Path:
-    """Write ``data`` to a temporary sibling of ``path``; return the temporary path.
-
-    Publish it with :func:`publish` (several files can be staged first and published together).
-    """
-    tmp = tmp_sibling(path)
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RasterIOError(f"cannot write {path}: {exc}") from None
-    return tmp
-
-
-def publish(staged: list[tuple[Path, Path]]) -> None:
-    """Rename each staged (temporary, final) pair onto its final name, in order.
+def publish_texts(items: list[tuple[Path, str]]) -> None:
+    """Write several text files so that none appears half-written: each goes to a
+    temporary sibling first; when all are written, they are renamed onto their names in
+    order (so the last one appears last). On failure the temporaries are removed and the
+    existing files are left as they were.
 
     Raises:
-        RasterIOError: a rename fails (the remaining temporaries are removed).
+        RasterIOError: a file cannot be written or renamed.
     """
+    staged: list[tuple[Path, Path]] = []
     try:
-        for tmp, final in staged:
-            os.replace(tmp, final)
+        for path, text in items:
+            tmp = tmp_sibling(path)
+            staged.append((tmp, path))
+            tmp.write_text(text, encoding="utf-8")
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except OSError as exc:
-        raise RasterIOError(f"cannot publish {final}: {exc}") from None
+        raise RasterIOError(f"cannot write {path}: {exc}") from None
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
