@@ -144,6 +144,19 @@ def report_dict(
 
 
 # --------------------------------------------------------------------------- text forms
+Report = dict[str, Any] | SemanticMetrics
+
+
+def as_report(report: Report, class_names: list[str] | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A report dict, or one built from bare metrics and class names (no grid: areas in
+    pixels). The text forms below accept either, so callers holding only a
+    :class:`SemanticMetrics` (scripts, training) can print it too."""
+    if isinstance(report, SemanticMetrics):
+        if class_names is None:
+            raise TypeError("class_names are needed with bare metrics")
+        return report_dict(report, list(class_names), {k: {"path": str(v)} for k, v in (inputs or {}).items()})
+    return report
+
 def _fmt(v: float | None, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -152,8 +165,9 @@ def _fmt_area(v: float) -> str:
     return f"{v:,.2f}" if v < 1e6 else f"{v:,.0f}"
 
 
-def iou_table(doc: dict[str, Any]) -> list[dict[str, Any]]:
+def iou_table(report: Report, class_names: list[str] | None = None) -> list[dict[str, Any]]:
     """Per-class rows (text values) for Markdown and Prefect table artifacts."""
+    doc = as_report(report, class_names)
     unit = doc["area_unit"]
     rows = []
     for c in doc["classes"]:
@@ -217,8 +231,9 @@ def not_applicable_sentence(doc: dict[str, Any]) -> str:
     ) + "."
 
 
-def markdown(doc: dict[str, Any]) -> str:
+def markdown(report: Report, class_names: list[str] | None = None, inputs: dict[str, Any] | None = None) -> str:
     """The report as Markdown: summary, per-class table, exclusions, confusion matrix, inputs."""
+    doc = as_report(report, class_names, inputs)
     names = doc["confusion_matrix"]["labels"]
     inputs = doc.get("inputs", {})
     lines = ["# tileseg evaluation report", ""]
@@ -249,8 +264,9 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def console_table(doc: dict[str, Any]) -> str:
+def console_table(report: Report, class_names: list[str] | None = None) -> str:
     """Plain-text per-class table and aggregates, for the terminal."""
+    doc = as_report(report, class_names)
     width = max([len(c["name"]) for c in doc["classes"]] + [22])
     unit = doc["area_unit"]
     out = [f"{'class':<{width}}  {'IoU':>7}  {'Dice/F1':>7}  {'prec.':>7}  {'recall':>7}  {'GT px':>10}  "

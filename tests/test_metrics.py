@@ -192,3 +192,13 @@ def test_no_evaluated_pixel_gives_nan_not_an_exception():
     m = semantic_metrics(np.zeros((3, 3), np.int64))
     assert np.isnan(m.miou) and np.isnan(m.overall_accuracy) and np.isnan(m.cohens_kappa)
     assert m.not_applicable == {0: "absent", 1: "absent", 2: "absent"}
+
+
+def test_text_forms_accept_bare_metrics():
+    from pipeline.report import console_table, iou_table, markdown
+
+    m = semantic_metrics(np.array([[3, 1], [0, 2]]))
+    text = console_table(m, ["a", "b"])
+    assert "macro mIoU" in text and text.splitlines()[1].startswith("a ")
+    assert iou_table(m, ["a", "b"])[1]["IoU"] == f"{2 / 3:.4f}"
+    assert "| **b** | 0 | 2 |" in markdown(m, ["a", "b"])
