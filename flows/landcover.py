@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline import stages
 from pipeline.cluster import dask_client
 from pipeline.config import RunConfig
-from pipeline.report import console_table, iou_table, markdown
+from pipeline.report import aggregate_table, console_table, exclusion_table, iou_table, markdown
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
@@ -38,16 +38,35 @@ def stitch_task(store: Path, config: RunConfig) -> Path:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(cog: Path, config: RunConfig) -> stages.EvaluationResult:
-    assert config.evaluate.ground_truth is not None
+    ev = config.evaluate
+    assert ev.ground_truth is not None
     return stages.evaluate(
         cog,
-        config.evaluate.ground_truth,
-        config.class_names() or None,
-        config.evaluate.area,
+        ev.ground_truth,
+        config.classes or None,
+        ev.area,
         config.output_dir,
         config.ingest.chunk_size,
         config.dask.progress,
+        prediction=ev.prediction,
+        image=ev.image or config.store_path,  # the run's store: valid(image) and the quicklook
+        report=ev.report,
+        run_config_hash=config.config_hash(),
     )
+
+
+def publish_artifacts(result: stages.EvaluationResult, run_name: str) -> None:
+    """The report's tables as Prefect artifacts, so a run started from the UI shows its IoU there."""
+    doc = result.report
+    agg = doc["aggregates"]
+    miou = "n/a" if agg["macro_miou"] is None else f"{agg['macro_miou']:.4f}"
+    create_table_artifact(key="iou-table", table=iou_table(doc),
+                          description=f"Per-class metrics of {run_name}; macro mIoU {miou} (* = not applicable)")  # fmt: skip
+    create_table_artifact(key="aggregate-metrics", table=aggregate_table(doc),
+                          description=f"Aggregate metrics of {run_name}")  # fmt: skip
+    create_table_artifact(key="excluded-pixels", table=exclusion_table(doc),
+                          description=f"Evaluated and excluded pixels of {run_name}")  # fmt: skip
+    create_markdown_artifact(key="iou-report", markdown=markdown(doc), description=f"Evaluation report of {run_name}")
 
 
 @flow(name="landcover_run", log_prints=True)
@@ -62,17 +81,9 @@ def landcover_run(config: RunConfig) -> dict[str, str]:
         outputs.update(store=str(store), cog=str(cog))
         if config.evaluate.ground_truth is not None:
             result = evaluate_task(cog, config)
-            outputs.update(report_json=str(result.report_json), report_md=str(result.report_md))
-            m, names = result.metrics, result.class_names
-            create_table_artifact(
-                key="iou-table",
-                table=iou_table(m, names),
-                description=f"Per-class IoU of {config.name}; mIoU {m.miou:.4f}",
-            )
-            create_markdown_artifact(
-                key="iou-report", markdown=markdown(m, names, {"run": config.name}), description="IoU report"
-            )
-            print("\n" + console_table(m, names))
+            outputs.update(result.paths())
+            publish_artifacts(result, config.name)
+            print("\n" + console_table(result.report))
     for k, v in outputs.items():
         logger.info("%s: %s", k, v)
     return outputs

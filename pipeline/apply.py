@@ -17,8 +17,8 @@ import numpy as np
 
 from pipeline.grid import Grid, block_window, bbox_mask, chunk_sizes
 from pipeline.io.raster import BandSource, read_onto_grid, read_window
-from pipeline.io.vector import rasterize_window
-from pipeline.metrics import EXCLUSION_REASONS, chunk_counts
+from pipeline.io.vector import area_window, rasterize_window
+from pipeline.metrics import EXCLUSION_REASONS, chunk_counts, error_codes, exclusion_codes
 from pipeline.segment.classical import Expression, KMeansModel, histogram
 
 
@@ -68,7 +68,7 @@ def read_image(sources: list[BandSource], grid: Grid, chunk: int, resampling: st
         chunks=chunks,
         dtype=dtype,
         meta=np.empty((0, 0, 0), dtype=dtype),
-        name="tileseg-read",
+        token="tileseg-read",
     )
 
 
@@ -163,42 +163,67 @@ def _raster_block(path, block_info=None) -> np.ndarray:
 
 def read_band(path: str, chunks: tuple[tuple[int, ...], tuple[int, ...]], dtype: str) -> da.Array:
     """Lazy (y, x) band 1 of a raster file on its own grid, read window by window."""
-    return da.map_blocks(_raster_block, path, chunks=chunks, dtype=dtype, meta=_meta(dtype), name="tileseg-pred")
+    return da.map_blocks(_raster_block, path, chunks=chunks, dtype=dtype, meta=_meta(dtype), token="tileseg-pred")
 
 
-def _gt_vector_block(path, class_column, class_names, grid, nodata, block_info=None) -> np.ndarray:
+#: Value of raster ground truth on the prediction grid where it is unlabeled (the file's
+#: nodata, NaN, outside the file, or a value missing from the class map): never a class id.
+GT_UNLABELED = -1
+
+
+def _gt_vector_block(path, class_column, lookup, grid, nodata, line_buffer, block_info=None) -> np.ndarray:
     window = block_window(block_info[None]["array-location"])
-    return rasterize_window(path, class_column, class_names, grid, window, nodata)
+    return rasterize_window(path, class_column, lookup, grid, window, nodata, line_buffer)
 
 
-def _gt_raster_block(path, grid, src_nodata, nodata, block_info=None) -> np.ndarray:
+def map_values(values: np.ndarray, lookup: dict[int, int], missing: int) -> np.ndarray:
+    """int64 array of ``lookup[v]`` for each value, ``missing`` where ``v`` is not a key."""
+    uniq, inverse = np.unique(values, return_inverse=True)
+    table = np.array([lookup.get(int(u), missing) for u in uniq], dtype=np.int64)
+    return table[inverse].reshape(values.shape)
+
+
+def _gt_raster_block(path, grid, src_nodata, lookup, block_info=None) -> np.ndarray:
     window = block_window(block_info[None]["array-location"])
-    arr = read_onto_grid(path, [1], grid, window, "nearest", src_nodata=src_nodata, dst_nodata=nodata)[0]
-    return arr.astype(np.int64)
+    arr = read_onto_grid(path, [1], grid, window, "nearest", src_nodata=src_nodata, dst_nodata=src_nodata)[0]
+    bad = (arr == src_nodata) if src_nodata is not None else np.zeros(arr.shape, dtype=bool)
+    if arr.dtype.kind == "f":
+        bad |= ~np.isfinite(arr)
+        arr = np.where(bad, 0, arr)
+    out = arr.astype(np.int64)
+    if lookup is not None:
+        out = map_values(out, lookup, GT_UNLABELED)
+    out[bad] = GT_UNLABELED
+    return out
 
 
 def ground_truth(
     path: str,
     grid: Grid,
     chunks: tuple[tuple[int, ...], tuple[int, ...]],
-    nodata: int,
+    nodata: int | float | None,
     class_column: str | None = None,
-    class_names: list[str] | None = None,
+    lookup: dict[str, int] | dict[int, int] | list[str] | None = None,
     is_vector: bool = False,
-    src_nodata: float | None = None,
+    line_buffer: float | None = None,
 ) -> da.Array:
-    """Lazy (y, x) ground truth on ``grid``: vector polygons rasterized, or a raster reprojected
-    with nearest neighbour; ``nodata`` where unlabeled or outside the ground truth.
-    dtype: uint8 for vectors, int64 for rasters (any integer ids).
+    """Lazy (y, x) ground truth on ``grid``.
+
+    Vectors: features rasterized (see :mod:`pipeline.io.vector`), uint8, ``nodata``
+    where unlabeled; ``lookup`` maps class values (text) to ids.
+    Rasters: reprojected with nearest neighbour, int64; ``nodata`` is the file's value
+    meaning unlabeled (None: none); an optional ``lookup`` maps raster values to ids.
+    Unlabeled pixels, pixels outside the file and values missing from ``lookup`` are
+    ``GT_UNLABELED`` (-1).
     """
     if is_vector:
         return da.map_blocks(
-            _gt_vector_block, path, class_column, class_names, grid, nodata,
-            chunks=chunks, dtype=np.uint8, meta=_meta(np.uint8), name="tileseg-gt",
+            _gt_vector_block, path, class_column, lookup, grid, nodata, line_buffer,
+            chunks=chunks, dtype=np.uint8, meta=_meta(np.uint8), token="tileseg-gt",
         )  # fmt: skip
     return da.map_blocks(
-        _gt_raster_block, path, grid, src_nodata, nodata,
-        chunks=chunks, dtype=np.int64, meta=_meta(np.int64), name="tileseg-gt",
+        _gt_raster_block, path, grid, nodata, lookup,
+        chunks=chunks, dtype=np.int64, meta=_meta(np.int64), token="tileseg-gt",
     )  # fmt: skip
 
 
@@ -211,11 +236,48 @@ def area_mask(grid: Grid, chunks: tuple[tuple[int, ...], tuple[int, ...]], bbox:
     return da.map_blocks(kernel, chunks=chunks, dtype=bool, meta=_meta(bool))
 
 
+def polygon_area_mask(path: str, grid: Grid, chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> da.Array:
+    """Lazy bool (y, x): pixel centre inside any polygon of ``path``."""
+
+    def kernel(block_info=None) -> np.ndarray:
+        return area_window(path, grid, block_window(block_info[None]["array-location"]))
+
+    return da.map_blocks(kernel, chunks=chunks, dtype=bool, meta=_meta(bool))
+
+
+def raster_area_mask(path: str, grid: Grid, chunks: tuple[tuple[int, ...], tuple[int, ...]],
+                     nodata: float | None) -> da.Array:  # fmt: skip
+    """Lazy bool (y, x): the mask raster, reprojected with nearest neighbour, is non-zero,
+    finite and not ``nodata``; pixels outside the mask raster are outside."""
+
+    def kernel(block_info=None) -> np.ndarray:
+        window = block_window(block_info[None]["array-location"])
+        v = read_onto_grid(path, [1], grid, window, "nearest", src_nodata=nodata, dst_nodata=0)[0]
+        inside = v != 0
+        if nodata is not None:
+            inside &= v != nodata
+        if v.dtype.kind == "f":
+            inside &= np.isfinite(v)
+        return inside
+
+    return da.map_blocks(kernel, chunks=chunks, dtype=bool, meta=_meta(bool))
+
+
+def image_valid(image: da.Array, nodata: float | None) -> da.Array:
+    """Lazy bool (y, x): False where EVERY band of ``image`` (band, y, x) is ``nodata`` (or NaN
+    for a NaN nodata); True everywhere when there is no nodata value."""
+    if nodata is None:
+        return da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
+    if np.isnan(nodata):
+        return ~da.isnan(image).all(axis=0)
+    return ~(image == nodata).all(axis=0)
+
+
 def confusion(
     gt: da.Array,
     pred: da.Array,
     n_classes: int,
-    gt_nodata: int,
+    gt_nodata: int | None,
     pred_nodata: int | None,
     area: da.Array | None = None,
 ) -> da.Array:
@@ -275,7 +337,7 @@ def unet_probabilities(
     chunks = ((n_classes,),) + image.chunks[1:]
     return da.map_blocks(
         _unet_block, store, band_idx, shape, wgrid, kind, model_path, device, batch_size, nodata, n_classes,
-        chunks=chunks, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32), name="tileseg-unet",
+        chunks=chunks, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32), token="tileseg-unet",
     )  # fmt: skip
 
 
@@ -295,3 +357,45 @@ def any_band_valid(image: da.Array, nodata: float | None) -> da.Array:
     if nodata is None:
         return da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
     return (image != nodata).any(axis=0)
+
+
+def evaluation(
+    gt: da.Array,
+    pred: da.Array,
+    n_classes: int,
+    gt_nodata: int | None,
+    pred_nodata: int | None,
+    area: da.Array | None,
+    valid: da.Array | None,
+    gt_ignore: list[int],
+    pred_ignore: list[int],
+    error_nodata: int,
+) -> tuple[da.Array, da.Array]:
+    """Lazy (counts, error map) of a whole evaluation, from one pass over the chunks.
+
+    Returns:
+        counts: int64 (K*K + len(EXCLUSION_REASONS),), the global confusion matrix and
+            excluded counts summed over chunks (:func:`pipeline.metrics.chunk_counts`);
+        error map: uint8 (y, x), chunked like ``pred`` (:func:`pipeline.metrics.error_codes`).
+    Both read the same per-chunk exclusion codes, so computing them together reads and
+    rasterizes every chunk once.
+    """
+    n = n_classes * n_classes + len(EXCLUSION_REASONS)
+    extra = [a for a in (area, valid) if a is not None]
+
+    def codes_kernel(g: np.ndarray, p: np.ndarray, *masks: np.ndarray) -> np.ndarray:
+        it = iter(masks)
+        a = next(it) if area is not None else None
+        v = next(it) if valid is not None else None
+        return exclusion_codes(g, p, n_classes, gt_nodata, pred_nodata, a, image_valid=v,
+                               gt_ignore=gt_ignore, pred_ignore=pred_ignore)  # fmt: skip
+
+    codes = da.map_blocks(codes_kernel, gt, pred, *extra, dtype=np.uint8, meta=_meta(np.uint8), token="tileseg-excl")
+
+    def counts_kernel(g: np.ndarray, p: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return chunk_counts(g, p, n_classes, gt_nodata, pred_nodata, codes=c)[None, None, :]
+
+    per_chunk = da.map_blocks(counts_kernel, gt, pred, codes, new_axis=2, chunks=(1, 1, n), dtype=np.int64)
+    errors = da.map_blocks(error_codes, gt, pred, codes, pred_nodata, error_nodata, dtype=np.uint8,
+                           meta=_meta(np.uint8), token="tileseg-errmap")  # fmt: skip
+    return per_chunk.sum(axis=(0, 1)), errors

@@ -16,8 +16,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pipeline.config import GroundTruthConfig, RunConfig, load_config
-from pipeline.errors import TilesegError
+from pipeline.config import RunConfig, load_config, validate_config
+from pipeline.errors import ConfigError, TilesegError
 
 app = typer.Typer(
     name="tileseg",
@@ -143,38 +143,121 @@ def stitch(
     typer.echo(f"COG: {guarded(go)}")
 
 
+def _bbox_option(text: str) -> dict[str, float]:
+    try:
+        xmin, ymin, xmax, ymax = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--area-bbox expects xmin,ymin,xmax,ymax in map units, got {text!r}") from None
+    return {"xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax}
+
+
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{option} expects VALUE=CLASS, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def evaluation_config(cfg: RunConfig, gt: Path, **opts: Any) -> RunConfig:
+    """The run config with ``evaluate`` updated from ``tileseg evaluate``'s options (None: keep).
+
+    Raises:
+        ConfigError: an option value is invalid (named as its config key).
+    """
+    ev = cfg.evaluate.model_dump()
+    gtc = ev["ground_truth"] or {}
+    gtc["path"] = gt
+    for key, opt in (("class_column", "class_column"), ("nodata", "gt_nodata"), ("line_buffer", "line_buffer"),
+                     ("ignore_classes", "ignore_gt"), ("class_map", "class_map")):  # fmt: skip
+        if opts.get(opt):
+            gtc[key] = opts[opt]
+    ev["ground_truth"] = gtc
+    if opts.get("pred_nodata") is not None:
+        ev["prediction"]["nodata"] = opts["pred_nodata"]
+    if opts.get("ignore_pred"):
+        ev["prediction"]["ignore_classes"] = opts["ignore_pred"]
+    areas = {k: v for k, v in (("bbox", opts.get("area_bbox")), ("polygons", opts.get("area_polygons")),
+                               ("mask", opts.get("area_mask"))) if v is not None}  # fmt: skip
+    if len(areas) > 1:
+        raise ConfigError(f"give one of --area-bbox, --area-polygons, --area-mask (got {sorted(areas)})")
+    if areas:
+        ev["area"] = areas
+    if opts.get("image"):
+        ev["image"] = opts["image"]
+    data = cfg.model_dump()
+    data["evaluate"] = ev
+    if opts.get("classes"):
+        data["classes"] = [{"name": n.strip()} for n in opts["classes"].split(",")]
+    return validate_config(data)
+
+
 @app.command()
 def evaluate(
-    pred: Annotated[Path, typer.Argument(help="Prediction: a label raster (GeoTIFF/COG) or a tileseg store.")],
-    gt: Annotated[Path, typer.Argument(help="Ground truth: a raster of class ids, or vector polygons.")],
+    pred: Annotated[Path, typer.Argument(help="Prediction: any label raster (GeoTIFF/COG of class ids) or a tileseg store.")],
+    gt: Annotated[Path, typer.Argument(help="Ground truth: a raster of class ids (any grid/CRS) or a vector file.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    class_column: Annotated[str | None, typer.Option(help="Vector ground truth: class column.")] = None,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class names (id = position).")] = None,
-    out_dir: Annotated[Path | None, typer.Option(help="Where report.json/report.md go.")] = None,
+    class_column: Annotated[str | None, typer.Option(help="Vector ground truth: class column.")] = None,
+    class_map: Annotated[list[str] | None, typer.Option(help="Ground-truth VALUE=CLASS (name or id); repeatable.")] = None,
+    gt_nodata: Annotated[int | None, typer.Option(help="Raster ground truth value meaning unlabeled.")] = None,
+    pred_nodata: Annotated[int | None, typer.Option(help="Prediction value meaning no prediction (overrides the file).")] = None,
+    ignore_gt: Annotated[list[str] | None, typer.Option(help="Ground-truth class (name or id) to ignore; repeatable.")] = None,
+    ignore_pred: Annotated[list[str] | None, typer.Option(help="Predicted class (name or id) to ignore; repeatable.")] = None,
+    line_buffer: Annotated[float | None, typer.Option(help="Vector lines/points: buffer on each side, map units.")] = None,
+    area_bbox: Annotated[str | None, typer.Option(help="Evaluation area xmin,ymin,xmax,ymax (map units).")] = None,
+    area_polygons: Annotated[Path | None, typer.Option(help="Evaluation area: polygon file.")] = None,
+    area_mask: Annotated[Path | None, typer.Option(help="Evaluation area: mask raster (non-zero = inside).")] = None,
+    image: Annotated[Path | None, typer.Option(help="Image (store or raster) for valid(image) and the quicklook.")] = None,
+    out_dir: Annotated[Path | None, typer.Option(help="Where the reports and error map go (default: next to PRED).")] = None,
 ) -> None:
-    """Confusion matrix, per-class IoU and mIoU of PRED against GT; writes report.json and report.md."""
+    """Score PRED against GT: report.json, report.md, report.html and error_map.tif (COG)."""
     from pipeline import stages
     from pipeline.report import console_table
 
     def go() -> Any:
-        cfg = load(config, set_)
-        base = cfg.evaluate.ground_truth
-        gtc = GroundTruthConfig(
-            path=gt,
-            class_column=class_column or (base.class_column if base else None),
-            nodata=base.nodata if base else None,
-        )
-        names = classes.split(",") if classes else cfg.class_names()
+        cfg = evaluation_config(
+            load(config, set_), gt, classes=classes, class_column=class_column,
+            class_map=_pairs(class_map or [], "--class-map") or None, gt_nodata=gt_nodata, pred_nodata=pred_nodata,
+            ignore_gt=[_ref(v) for v in ignore_gt or []], ignore_pred=[_ref(v) for v in ignore_pred or []],
+            line_buffer=line_buffer, area_bbox=_bbox_option(area_bbox) if area_bbox else None,
+            area_polygons=area_polygons, area_mask=area_mask, image=image,
+        )  # fmt: skip
+        ev = cfg.evaluate
+        assert ev.ground_truth is not None
+        img, guessed = ev.image, False
+        if img is None and config is not None and cfg.store_path.is_dir() and not (pred / "zarr.json").is_file():
+            img, guessed = cfg.store_path, True  # the run's store, used when it is on PRED's grid
         return _with_cluster(
             cfg,
-            lambda: stages.evaluate(pred, gtc, names, cfg.evaluate.area, out_dir, cfg.ingest.chunk_size,
-                                    cfg.dask.progress),  # fmt: skip
+            lambda: stages.evaluate(pred, ev.ground_truth, cfg.classes or None, ev.area, out_dir, cfg.ingest.chunk_size,
+                                    cfg.dask.progress, prediction=ev.prediction, image=img, report=ev.report,
+                                    run_config_hash=cfg.config_hash(), image_optional=guessed),  # fmt: skip
         )
 
     result = guarded(go)
-    typer.echo(console_table(result.metrics, result.class_names))
-    typer.echo(f"reports: {result.report_json} {result.report_md}")
+    typer.echo(console_table(result.report))
+    for k, v in result.paths().items():
+        typer.echo(f"{k}: {v}")
+
+
+def _ref(v: str) -> str | int:
+    return int(v) if v.lstrip("-").isdigit() else v
+
+
+@app.command()
+def compare(
+    report_a: Annotated[Path, typer.Argument(help="report.json of run A.")],
+    report_b: Annotated[Path, typer.Argument(help="report.json of run B.")],
+) -> None:
+    """Per-class IoU and aggregate differences between two evaluation reports (B - A)."""
+    from pipeline.report import compare as compare_reports
+    from pipeline.report import load_report
+
+    typer.echo(guarded(lambda: compare_reports(load_report(report_a), load_report(report_b))))
 
 
 @app.command()

@@ -13,6 +13,8 @@ Relative paths are resolved against the current working directory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,21 +195,136 @@ class StitchConfig(_Model):
         return v
 
 
+#: A class given by name (as in ``classes``) or by integer id / raw value.
+ClassRef = str | int
+
+
+def _stringify_keys(v: Any) -> Any:
+    # YAML reads `311: forest` with an int key; class maps are keyed by the value's text
+    if isinstance(v, dict):
+        return {str(k): val for k, val in v.items()}
+    return v
+
+
 class GroundTruthConfig(_Model):
-    """Ground truth: a raster of class ids, or vector polygons with a class column."""
+    """Ground truth: a raster of class ids, or vector features with a class column.
+
+    Raster ground truth on another grid or CRS is reprojected onto the prediction grid
+    with nearest neighbour. Vector ground truth (any OGR format: GeoPackage, GeoJSON,
+    Shapefile, ...) is rasterized onto the prediction grid: polygons as they are,
+    lines (and points) buffered by ``line_buffer`` map units on each side.
+    """
 
     path: Path
     class_column: str | None = Field(
-        default=None, description="For vectors: column whose values are class names (or ids)."
+        default=None, description="For vectors: column whose values are class names (or ids), or keys of class_map."
     )
-    nodata: int | None = Field(default=None, description="Raster ground truth: value meaning 'unlabeled'.")
+    class_map: dict[str, ClassRef] | None = Field(
+        default=None,
+        description=(
+            "Map from ground-truth values (vector column values, or raster values, as text) to class names or ids. "
+            "With a map, values not in it are unlabeled. Without one, values must be class names or ids."
+        ),
+    )
+    nodata: int | None = Field(
+        default=None, description="Raster ground truth: value meaning 'unlabeled' (default: the file's nodata)."
+    )
+    ignore_classes: list[ClassRef] = Field(
+        default_factory=list,
+        description="Ground-truth classes (names or ids, or raw raster values) whose pixels are left out of the evaluation.",
+    )
+    line_buffer: float | None = Field(
+        default=None,
+        gt=0,
+        description="Vector lines and points: buffer distance on each side, in map units of the prediction's CRS.",
+    )
+
+    @field_validator("class_map", mode="before")
+    @classmethod
+    def _keys_as_text(cls, v: Any) -> Any:
+        return _stringify_keys(v)
+
+
+class PredictionConfig(_Model):
+    """How the prediction raster is read for evaluation."""
+
+    nodata: int | None = Field(
+        default=None, description="Prediction value meaning 'no prediction', overriding the file's nodata tag."
+    )
+    ignore_classes: list[ClassRef] = Field(
+        default_factory=list,
+        description="Predicted classes (names or ids) whose pixels are left out of the evaluation.",
+    )
+
+
+class AreaConfig(_Model):
+    """Evaluation area: exactly one of a bounding box, a polygon file or a mask raster.
+
+    A pixel is inside when its centre is inside the box (half-open, see :class:`BBox`),
+    inside any polygon of the file (rasterized like ground truth, centre rule), or where
+    the mask raster (reprojected with nearest neighbour) is non-zero and not nodata.
+    A plain ``{xmin, ymin, xmax, ymax}`` mapping is read as ``bbox``.
+    """
+
+    bbox: BBox | None = None
+    polygons: Path | None = Field(default=None, description="Polygon file (any OGR format); any feature counts.")
+    mask: Path | None = Field(default=None, description="Mask raster: non-zero (and not nodata) = inside.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_bbox(cls, v: Any) -> Any:
+        if isinstance(v, dict) and {"xmin", "ymin", "xmax", "ymax"} & set(v):
+            return {"bbox": v}
+        if isinstance(v, BBox):
+            return {"bbox": v}
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AreaConfig:
+        given = [k for k in ("bbox", "polygons", "mask") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of bbox, polygons, mask (got {given or 'none'})")
+        return self
+
+    def describe(self) -> str:
+        """One line for reports, e.g. ``bbox (337680, 5814360, 345360, 5822040)``."""
+        if self.bbox is not None:
+            b = self.bbox
+            return "bbox (" + ", ".join(f"{v:.12g}" for v in (b.xmin, b.ymin, b.xmax, b.ymax)) + ")"
+        return f"polygons {self.polygons}" if self.polygons is not None else f"mask {self.mask}"
+
+
+class ReportConfig(_Model):
+    """Options of the evaluation report (report.json / .md / .html)."""
+
+    rgb_bands: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=3,
+        description="Image bands of the quicklook (R, G, B). Default: B04, B03, B02 if present, else the first three.",
+    )
+    quicklook_px: int = Field(default=1000, ge=100, le=4000, description="Long side of the quicklook, in pixels.")
+    checksums: bool = Field(
+        default=True, description="Record SHA-256 checksums of the input files (reads each file once more)."
+    )
 
 
 class EvaluateConfig(_Model):
     """Options of the evaluate stage."""
 
     ground_truth: GroundTruthConfig | None = None
-    area: BBox | None = Field(default=None, description="Evaluation area (map units). Default: the whole raster.")
+    prediction: PredictionConfig = PredictionConfig()
+    area: AreaConfig | None = Field(
+        default=None,
+        description="Evaluation area: {xmin, ymin, xmax, ymax} (map units), {polygons: FILE} or {mask: RASTER}. "
+        "Default: the whole raster.",
+    )
+    image: Path | None = Field(
+        default=None,
+        description="Image for valid(image) and the report's quicklook: a tileseg store or a raster. "
+        "Default: the prediction's own store, or the run's store (tileseg run).",
+    )
+    report: ReportConfig = ReportConfig()
 
 
 class DaskConfig(_Model):
@@ -227,7 +344,8 @@ class RunConfig(_Model):
     """A whole run: inputs, every stage's options, and where outputs go.
 
     Outputs: ``<output_dir>/scene.zarr`` (image and labels), ``<output_dir>/labels.tif``
-    (COG), ``<output_dir>/report.json`` and ``report.md``.
+    (COG), and the evaluation's ``report.json``, ``report.md``, ``report.html`` and
+    ``error_map.tif`` (COG).
     """
 
     name: str = "tileseg-run"
@@ -273,6 +391,19 @@ class RunConfig(_Model):
 
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    def config_hash(self) -> str:
+        """See :func:`config_hash`."""
+        return config_hash(self)
+
+
+def config_hash(config: BaseModel | dict[str, Any]) -> str:
+    """Stable ``sha256:<hex>`` of a config (a model, or a JSON-ready mapping): SHA-256 of its
+    canonical JSON (keys sorted, no whitespace, paths as given), so equal configs hash
+    equally across runs and machines."""
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

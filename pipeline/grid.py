@@ -106,3 +106,21 @@ def bbox_mask(grid: Grid, window: Window, bbox: tuple[float, float, float, float
     inx = (xs >= xmin) & (xs < xmax)
     iny = (ys >= ymin) & (ys < ymax)
     return iny[:, None] & inx[None, :]
+
+
+def bounds_window(grid: Grid, bounds: tuple[float, float, float, float]) -> Window | None:
+    """Smallest window holding every pixel whose centre is inside ``bounds`` (map units,
+    half-open like :func:`bbox_mask`); None when there is no such pixel. North-up grids only."""
+    xmin, ymin, xmax, ymax = bounds
+    xs, ys = grid.x_centres(), grid.y_centres()
+    cols = np.flatnonzero((xs >= xmin) & (xs < xmax))
+    rows = np.flatnonzero((ys >= ymin) & (ys < ymax))
+    if not len(cols) or not len(rows):
+        return None
+    return Window(int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
+
+
+def pixel_area(grid: Grid) -> float:
+    """Area of one pixel in squared map units: ``|a*e - b*d|`` of the affine transform."""
+    t = grid.transform
+    return abs(t.a * t.e - t.b * t.d)

@@ -1,25 +1,24 @@
 """The pipeline stages: ingest, segment, stitch, evaluate.
 
 Each stage takes typed config and paths and returns paths or a result object; this
-is the only module that mixes I/O with compute. Per-chunk work runs on whatever Dask
+module and :mod:`pipeline.evaluation` (the evaluate stage, re-exported here) are the
+only ones that mix I/O with compute. Per-chunk work runs on whatever Dask
 client is current (see :mod:`pipeline.cluster`); no stage imports Prefect.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline import apply
+from pipeline.classes import class_colormap
 from pipeline.cluster import compute
 from pipeline.config import (
-    GT_NODATA,
     LABEL_NODATA,
     BBox,
     ClassInfo,
@@ -31,12 +30,9 @@ from pipeline.config import (
     UNetConfig,
 )
 from pipeline.errors import InputError
-from pipeline.grid import Grid, chunk_sizes, iter_windows
+from pipeline.grid import Grid, iter_windows
 from pipeline.io import raster as rio_io
 from pipeline.io import store as zstore
-from pipeline.io import vector as vec_io
-from pipeline.metrics import EXCLUSION_REASONS, SemanticMetrics, semantic_metrics
-from pipeline.report import write_reports
 from pipeline.segment.classical import Expression, fit_kmeans, majority_mapping, otsu_threshold
 
 log = logging.getLogger("tileseg")
@@ -86,32 +82,10 @@ def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool =
 
 # --------------------------------------------------------------------------- segment
 def _gt_array(gt: GroundTruthConfig, grid: Grid, chunks, class_names: list[str]):
-    """Lazy ground truth on ``grid`` and its nodata value."""
-    path = str(gt.path)
-    if vec_io.is_vector(path):
-        vec_io.check_vector(path, gt.class_column, class_names)
-        arr = apply.ground_truth(path, grid, chunks, GT_NODATA, gt.class_column, class_names, is_vector=True)
-        return arr, GT_NODATA
-    info = rio_io.raster_info(path)
-    _check_overlap(grid, info.grid, path)
-    nodata = gt.nodata if gt.nodata is not None else info.nodata
-    if nodata is None:  # no nodata anywhere: the dtype's max marks "unlabeled" and "outside"
-        nodata = int(np.iinfo(np.dtype(info.dtype)).max)
-    arr = apply.ground_truth(path, grid, chunks, int(nodata), src_nodata=nodata)
-    return arr, int(nodata)
+    """Lazy ground truth on ``grid`` and its unlabeled value (see :func:`pipeline.evaluation.ground_truth_array`)."""
+    from pipeline.evaluation import ground_truth_array
 
-
-def _check_overlap(grid: Grid, other: Grid, path: str) -> None:
-    from rasterio.crs import CRS
-    from rasterio.warp import transform_bounds
-
-    b = grid.bounds()
-    o = other.bounds()
-    if grid.crs_wkt and other.crs_wkt:
-        o = transform_bounds(CRS.from_wkt(other.crs_wkt), CRS.from_wkt(grid.crs_wkt), *o)
-    if o[0] >= b[2] or o[2] <= b[0] or o[1] >= b[3] or o[3] <= b[1]:
-        raise InputError(f"ground truth {path} (extent {tuple(round(v, 3) for v in o)}) does not overlap "
-                         f"the prediction (extent {tuple(round(v, 3) for v in b)})")
+    return ground_truth_array(gt, grid, chunks, class_names)
 
 
 def segment(
@@ -244,23 +218,6 @@ def _bbox(b: BBox) -> tuple[float, float, float, float]:
 
 
 # --------------------------------------------------------------------------- stitch
-def _colormap(class_names: list[str], classes: list[ClassInfo] | None) -> dict[int, tuple[int, int, int, int]]:
-    from matplotlib import colormaps
-
-    colours = {c.name: c.color for c in classes or [] if c.color}
-    palette = colormaps["tab20"]
-    cmap: dict[int, tuple[int, int, int, int]] = {}
-    for i, name in enumerate(class_names):
-        hexcol = colours.get(name)
-        if hexcol:
-            cmap[i] = (int(hexcol[1:3], 16), int(hexcol[3:5], 16), int(hexcol[5:7], 16), 255)
-        else:
-            r, g, b, _ = palette(i % 20)
-            cmap[i] = (round(r * 255), round(g * 255), round(b * 255), 255)
-    cmap[LABEL_NODATA] = (0, 0, 0, 0)
-    return cmap
-
-
 def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] | None = None,
            progress: bool = True) -> Path:  # fmt: skip
     """Store ``labels`` -> single-band Cloud-Optimized GeoTIFF.
@@ -294,7 +251,7 @@ def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] |
     try:
         rio_io.write_cog(
             out, grid, str(labels.dtype), nodata, blocks(),
-            colormap=_colormap(class_names, classes) if labels.dtype == np.uint8 else None,
+            colormap=class_colormap(class_names, classes) if labels.dtype == np.uint8 else None,
             class_names=class_names, blocksize=cfg.blocksize, compress=cfg.compress,
             overview_resampling=cfg.overview_resampling, on_block=lambda: bar.update(1),
         )  # fmt: skip
@@ -304,76 +261,9 @@ def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] |
 
 
 # --------------------------------------------------------------------------- evaluate
-@dataclass
-class EvaluationResult:
-    """What :func:`evaluate` returns: the metrics, the class names and the report paths."""
-
-    metrics: SemanticMetrics
-    class_names: list[str]
-    report_json: Path
-    report_md: Path
-
-
-def _prediction(pred: Path, chunk: int):
-    """Lazy prediction (y, x), its grid, nodata and class names (from tags or store attrs)."""
-    if (pred / "zarr.json").is_file():
-        ds = zstore.open_store(pred)
-        if zstore.LABELS not in ds:
-            raise InputError(f"{pred} has no labels; run segment first")
-        lab = ds[zstore.LABELS]
-        return lab.data, zstore.store_grid(ds), lab.attrs.get("nodata"), list(lab.attrs.get("class_names") or [])
-    info = rio_io.raster_info(pred)
-    grid, nodata, tags = info.grid, info.nodata, info.tags
-    arr = apply.read_band(str(pred), (chunk_sizes(grid.height, chunk), chunk_sizes(grid.width, chunk)), info.dtype)
-    names = json.loads(tags["CLASS_NAMES"]) if "CLASS_NAMES" in tags else []
-    return arr, grid, (int(nodata) if nodata is not None else None), names
-
-
-def evaluate(
-    pred: Path,
-    gt: GroundTruthConfig,
-    class_names: list[str] | None = None,
-    area: BBox | None = None,
-    out_dir: Path | None = None,
-    chunk: int = 512,
-    progress: bool = True,
-) -> EvaluationResult:
-    """Compare a label raster (GeoTIFF/COG, or a tileseg store) with ground truth.
-
-    Ground truth is a raster on any grid (reprojected onto the prediction grid with
-    nearest neighbour) or vector polygons with a class column (rasterized onto the
-    prediction grid; see :mod:`pipeline.io.vector` for the rule on overlaps). A
-    confusion matrix is accumulated chunk by chunk on Dask; unlabeled ground truth,
-    prediction nodata and pixels outside ``area`` are excluded and counted. Reports
-    ``report.json`` and ``report.md`` go to ``out_dir`` (default: next to ``pred``).
-
-    Raises:
-        InputError: no class names known, ids outside the class list, no overlap.
-    """
-    pred = Path(pred)
-    labels, grid, pred_nodata, names = _prediction(pred, chunk)
-    class_names = list(class_names or names)
-    if not class_names:
-        raise InputError(f"no class names known for {pred}; give them (config `classes` or --classes)")
-    gt_arr, gt_nodata = _gt_array(gt, grid, labels.chunks, class_names)
-    mask = apply.area_mask(grid, labels.chunks, _bbox(area)) if area is not None else None
-    k = len(class_names)
-    (counts,) = compute(apply.confusion(gt_arr, labels, k, gt_nodata, pred_nodata, mask),
-                        label="evaluate: confusion matrix", progress=progress)  # fmt: skip
-    counts = np.asarray(counts)
-    excluded = dict(zip(EXCLUSION_REASONS, (int(v) for v in counts[k * k :])))
-    if excluded["out_of_range"]:
-        raise InputError(
-            f"{excluded['out_of_range']} pixels have class ids outside 0..{k - 1} in the prediction or ground truth; "
-            f"the class list {class_names} is incomplete"
-        )
-    del excluded["out_of_range"]
-    metrics = semantic_metrics(counts[: k * k].reshape(k, k), excluded)
-    inputs = {"prediction": str(pred), "ground_truth": str(gt.path)}
-    if area is not None:
-        inputs["area"] = f"{_bbox(area)}"
-    jpath, mpath = write_reports(metrics, class_names, inputs, Path(out_dir) if out_dir else pred.parent)
-    return EvaluationResult(metrics, class_names, jpath, mpath)
+# The evaluate stage lives in pipeline/evaluation.py (this module would pass ~600 lines);
+# it is re-exported here so that every stage is `pipeline.stages.<name>`.
+from pipeline.evaluation import EvaluationResult, evaluate  # noqa: E402
 
 
 # --------------------------------------------------------------------------- train
@@ -489,3 +379,6 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     }
     log.info("best validation mIoU %.4f at epoch %d", result.best_val_miou, result.best_epoch)
     return save_model(result.net.cpu(), spec, out)
+
+
+__all__ = ["ingest", "segment", "stitch", "evaluate", "train", "EvaluationResult"]

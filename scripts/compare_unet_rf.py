@@ -42,7 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     cfg = load_config(args.config, [f"output_dir={out}", "dask.progress=false"])
-    assert cfg.train is not None and cfg.evaluate.ground_truth is not None and cfg.evaluate.area is not None
+    area = cfg.evaluate.area
+    assert cfg.train is not None and cfg.evaluate.ground_truth is not None and area is not None and area.bbox
     if not (cfg.store_path / "zarr.json").is_file():
         stages.ingest(cfg.inputs, cfg.store_path, cfg.ingest, progress=False)
     ds = zstore.open_store(cfg.store_path)
@@ -53,7 +54,7 @@ def main() -> None:
     classes = cfg.class_names()
     k = len(classes)
     gt, gt_nodata = stages._gt_array(cfg.evaluate.ground_truth, grid, image.chunks[1:], classes)
-    east = cfg.evaluate.area
+    east = area.bbox
     west = BBox(xmin=grid.bounds()[0], ymin=east.ymin, xmax=east.xmin, ymax=east.ymax)
     img, lab, in_west, in_east = compute(
         image, gt, area_mask(grid, image.chunks[1:], (west.xmin, west.ymin, west.xmax, west.ymax)),

@@ -19,7 +19,7 @@ def test_default_config_is_valid(repo_root):
     assert cfg.class_names()[6] == "water"
     assert cfg.evaluate.area is not None and cfg.segment.kmeans.train_area is not None
     # training (west) and evaluation (east) areas do not overlap
-    assert cfg.segment.kmeans.train_area.xmax <= cfg.evaluate.area.xmin
+    assert cfg.segment.kmeans.train_area.xmax <= cfg.evaluate.area.bbox.xmin
 
 
 def test_set_overrides_are_typed(repo_root):

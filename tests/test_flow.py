@@ -48,12 +48,20 @@ def test_landcover_flow_on_real_scene(sample, repo_root, tmp_path, prefect_home,
     # the report: east half only, real numbers
     report = json.loads(open(outputs["report_json"]).read())
     assert report["excluded_pixels"]["outside_area"] == 768 * 768
-    assert 0.05 < report["miou_macro"] < 1.0
+    assert 0.05 < report["aggregates"]["macro_miou"] < 1.0
     assert report["evaluated_pixels"] > 100_000
-    # the IoU table was published as a Prefect artifact
+    assert report["config_hash"] == cfg.config_hash() and report["config_hash_of"] == "run config"
+    assert report["inputs"]["image"]["path"] == outputs["store"]  # valid(image) from the run's store
+    # the report's other forms and the error map, next to it
+    assert "<img" in open(outputs["report_html"]).read()
+    with rasterio.open(outputs["error_map"]) as err, rasterio.open(outputs["cog"]) as cog:
+        assert (err.crs, err.transform, err.shape, err.nodata) == (cog.crs, cog.transform, cog.shape, cog.nodata)
+        counts = np.bincount(err.read(1).ravel(), minlength=256)
+    assert counts[1] + counts[2] == report["evaluated_pixels"]
+    # the tables were published as Prefect artifacts
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
-    assert {"iou-table", "iou-report"} <= keys
+    assert {"iou-table", "aggregate-metrics", "excluded-pixels", "iou-report"} <= keys
 
 
 def test_train_flow_saves_a_model_and_publishes_an_artifact(sample, repo_root, tmp_path, prefect_home, monkeypatch):

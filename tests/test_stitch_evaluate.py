@@ -79,6 +79,7 @@ def test_evaluate_equals_in_memory_for_any_chunking(run, scene, chunk, tmp_path)
     report = json.loads(res.report_json.read_text())
     assert report["confusion_matrix"]["counts"] == res.metrics.confusion.tolist()
     assert "mIoU" in res.report_md.read_text()
+    assert report["colours"] == {"land": "#00ff00", "water": "#0000ff"}  # the COG's colour table
 
 
 def test_evaluate_area_and_shifted_ground_truth(run, scene, tmp_path):
@@ -132,10 +133,20 @@ def test_stitch_without_labels_refuses(scene, tmp_path):
 def test_evaluating_the_store_equals_evaluating_the_cog(run, scene, tmp_path):
     gt = GroundTruthConfig(path=scene["gt_tif"], nodata=255)
     names = ["a", "b", "c", "d"]
-    from_cog = stages.evaluate(run["cog"], gt, names, None, tmp_path / "c", 256, progress=False)
+    # a COG with the store as its image == the store itself (which brings its own image)
+    from_cog = stages.evaluate(run["cog"], gt, names, None, tmp_path / "c", 256, progress=False, image=run["store"])
     from_store = stages.evaluate(run["store"], gt, names, None, tmp_path / "s", 256, progress=False)
     np.testing.assert_array_equal(from_cog.metrics.confusion, from_store.metrics.confusion)
     assert from_cog.metrics.excluded == from_store.metrics.excluded
+    # valid(image): the 5 px nodata collar (all bands 0) is excluded as image nodata, first
+    collar = np.zeros((777, 1000), bool)
+    collar[:5, :] = collar[:, :5] = True
+    assert from_store.metrics.excluded["nodata_image"] == collar.sum()
+    # without an image, the same pixels fall to the prediction's nodata, and the report says why
+    plain = stages.evaluate(run["cog"], gt, names, None, tmp_path / "p", 256, progress=False)
+    assert plain.metrics.excluded["nodata_image"] == 0
+    assert plain.metrics.excluded["nodata_prediction"] == (collar & (scene["gt"] != 255)).sum()
+    assert plain.report["image_validity"].startswith("not available")
 
 
 def test_vector_ground_truth_on_threads_equals_single_thread(tmp_path):

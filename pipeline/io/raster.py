@@ -135,7 +135,8 @@ def target_grid(sources: list[BandSource], reference: str | None, resolution: fl
     return grid
 
 
-def _same_grid(a: Grid, b: Grid) -> bool:
+def same_grid(a: Grid, b: Grid) -> bool:
+    """Same CRS (compared as CRSs, not as WKT text), shape and transform (to 1e-9)."""
     same_crs = a.crs_wkt == b.crs_wkt or (
         a.crs_wkt is not None and b.crs_wkt is not None and CRS.from_wkt(a.crs_wkt) == CRS.from_wkt(b.crs_wkt)
     )
@@ -165,7 +166,7 @@ def read_onto_grid(
     try:
         with rasterio.open(path) as src:
             own = src_grid or Grid(src.crs.to_wkt() if src.crs else None, src.transform, src.height, src.width)
-            if _same_grid(own, grid):
+            if same_grid(own, grid):
                 return src.read(indexes, window=window)
             fill = 0 if dst_nodata is None else dst_nodata
             with WarpedVRT(
@@ -185,23 +186,29 @@ def read_onto_grid(
 
 @dataclass(frozen=True)
 class RasterInfo:
-    """What :func:`raster_info` reads: the grid, band 1's dtype and nodata, and dataset tags."""
+    """What :func:`raster_info` reads: the grid, band 1's dtype and nodata, dataset tags,
+    and band 1's colour table (value -> RGBA) when it has one."""
 
     grid: Grid
     dtype: str
     nodata: float | None
     tags: dict[str, str]
+    colormap: dict[int, tuple[int, int, int, int]] | None = None
 
 
 def raster_info(path: str | Path) -> RasterInfo:
-    """Grid, band-1 dtype and nodata, and dataset tags of a raster file.
+    """Grid, band-1 dtype and nodata, dataset tags and colour table of a raster file.
 
     Raises:
         RasterIOError: missing or unreadable file.
     """
     with _open(path) as ds:
         grid = Grid(ds.crs.to_wkt() if ds.crs else None, ds.transform, ds.height, ds.width)
-        return RasterInfo(grid, ds.dtypes[0], ds.nodata, dict(ds.tags()))
+        try:
+            cmap = {int(k): tuple(int(c) for c in v) for k, v in ds.colormap(1).items()}
+        except ValueError:  # no colour table
+            cmap = None
+        return RasterInfo(grid, ds.dtypes[0], ds.nodata, dict(ds.tags()), cmap)  # type: ignore[arg-type]
 
 
 def read_window(path: str | Path, window: Window, band: int = 1) -> np.ndarray:
@@ -234,6 +241,7 @@ def write_cog(
     compress: str = "deflate",
     overview_resampling: str = "nearest",
     on_block: Callable[[], None] | None = None,
+    description: str = "labels",
 ) -> Path:
     """Write a single-band Cloud-Optimized GeoTIFF from (window, array) blocks, from one process.
 
@@ -247,6 +255,7 @@ def write_cog(
         blocks: (window, array of shape (window.height, window.width)) covering the grid.
         colormap: class id -> RGBA, embedded as the colour table.
         class_names: stored as the ``CLASS_NAMES`` tag (JSON list; id = position).
+        description: the band description (with ``class_names``).
 
     Raises:
         RasterIOError: the output cannot be written.
@@ -280,7 +289,7 @@ def write_cog(
                     on_block()
             if class_names:
                 dst.update_tags(CLASS_NAMES=json.dumps(class_names))
-                dst.set_band_description(1, "labels")
+                dst.set_band_description(1, description)
         rasterio.shutil.copy(
             tiled,
             final_tmp,

@@ -182,3 +182,15 @@ def publish_dir(tmp: Path, final: Path) -> None:
         raise RasterIOError(f"cannot publish {final}: {exc}") from None
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_array(arr: da.Array, path: Path) -> Any:
+    """Prepare writing a (y, x) Dask array to a new plain zarr v3 array at ``path``
+    (storage chunks = Dask chunks, so each task writes whole chunks of its own);
+    returns a lazy Dask object to compute. For intermediate results (the error map)."""
+    return da.to_zarr(arr, str(path), compute=False, overwrite=True)
+
+
+def open_array(path: Path) -> da.Array:
+    """A zarr array written by :func:`write_array`, lazily, chunked as stored."""
+    return da.from_zarr(str(path))

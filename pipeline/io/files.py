@@ -1,0 +1,95 @@
+"""Plain files: checksums of inputs, JSON reads, and atomic writes of report files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError, RasterIOError
+
+#: Files that make up one Shapefile dataset, hashed together.
+_SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
+
+
+def sha256_file(path: str | Path, h: Any = None) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (``h``: continue an existing hash)."""
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum(path: str | Path) -> dict[str, str]:
+    """A checksum record for an input: ``{"path", "sha256", "of"}``.
+
+    - a file: SHA-256 of its bytes (``of: "file"``);
+    - a Shapefile: SHA-256 over its ``.shp .shx .dbf .prj .cpg`` files that exist, in that
+      order (``of`` lists them), since the geometry alone does not fix the classes;
+    - a zarr store (directory): SHA-256 of its ``zarr.json`` (consolidated metadata:
+      shapes, chunks, attributes), ``of: "zarr.json (metadata only)"``; hashing every chunk of
+      a huge store would cost a full read, and tileseg stores are written once, atomically;
+    - anything else: ``sha256: null`` with the reason in ``of``.
+    """
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".shp":
+        parts = [p.with_suffix(s) for s in _SHAPEFILE_PARTS if p.with_suffix(s).is_file()]
+        h = hashlib.sha256()
+        for part in parts:
+            sha256_file(part, h)
+        return {"path": str(p), "sha256": h.hexdigest(), "of": "files " + ", ".join(q.name for q in parts)}
+    if p.is_file():
+        return {"path": str(p), "sha256": sha256_file(p), "of": "file"}
+    if p.is_dir() and (p / "zarr.json").is_file():
+        return {"path": str(p), "sha256": sha256_file(p / "zarr.json"), "of": "zarr.json (metadata only)"}
+    return {"path": str(p), "sha256": None, "of": "not a file (no checksum)"}  # type: ignore[dict-item]
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file.
+
+    Raises:
+        RasterIOError: missing or unreadable file.
+        InputError: not valid JSON.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RasterIOError(f"file not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{p} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise RasterIOError(f"cannot read {p}: {exc}") from None
+
+
+def tmp_sibling(path: Path) -> Path:
+    """A hidden temporary name next to ``path`` (same filesystem, so a rename is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def publish_texts(items: list[tuple[Path, str]]) -> None:
+    """Write several text files so that none appears half-written: each goes to a
+    temporary sibling first; when all are written, they are renamed onto their names in
+    order (so the last one appears last). On failure the temporaries are removed and the
+    existing files are left as they were.
+
+    Raises:
+        RasterIOError: a file cannot be written or renamed.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, text in items:
+            tmp = tmp_sibling(path)
+            staged.append((tmp, path))
+            tmp.write_text(text, encoding="utf-8")
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise RasterIOError(f"cannot write {path}: {exc}") from None
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
