@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # No Prefect telemetry from offline machines.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test install clean
+.PHONY: run test install clean bench
 
 install: $(STAMP)
 
@@ -29,3 +29,6 @@ test: $(STAMP)
 
 clean:
 	rm -rf outputs .pytest_cache
+
+bench: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_unet_monai.py

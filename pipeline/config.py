@@ -168,6 +168,8 @@ class TrainConfig(_Model):
     patience: int = Field(default=8, ge=1, description="Early stopping: epochs without a better validation mIoU.")
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(default="constant", description="Learning-rate schedule.")
+    spectral_jitter: float = Field(default=0.0, ge=0, lt=1, description="Per-band random gain 1 ± this, in training.")
     weight_decay: float = Field(default=1e-4, ge=0)
     loss: Literal["ce", "dice", "ce+dice"] = "ce+dice"
     class_weighting: Literal["none", "inverse_sqrt"] = Field(

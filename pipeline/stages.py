@@ -363,7 +363,8 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     result = training.train(
         net, lambda im, v: normalise(im, spec, v), tr, va, len(class_names),
         epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, loss=cfg.loss, weighting=cfg.class_weighting, seed=cfg.seed, device=device, log_path=log_path,
+        weight_decay=cfg.weight_decay, loss=cfg.loss, weighting=cfg.class_weighting,
+        schedule=cfg.lr_schedule, jitter=cfg.spectral_jitter, seed=cfg.seed, device=device, log_path=log_path,
         progress=progress,
     )  # fmt: skip
     spec.trained = {

@@ -13,9 +13,11 @@ from pipeline.errors import ConfigError
 TILESEG = str(Path(sys.executable).with_name("tileseg"))
 
 
-def test_default_config_is_valid(repo_root):
+def test_default_config_is_valid(repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
     cfg = load_config(repo_root / "config" / "default.yaml")
-    assert cfg.segment.method == "kmeans"
+    assert cfg.segment.method == "unet"
+    assert cfg.segment.unet.model is not None and cfg.segment.unet.model.with_suffix(".json").is_file()
     assert cfg.class_names()[6] == "water"
     assert cfg.evaluate.area is not None and cfg.segment.kmeans.train_area is not None
     # training (west) and evaluation (east) areas do not overlap

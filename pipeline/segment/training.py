@@ -78,8 +78,14 @@ class TrainResult:
     history: list[EpochLog] = field(default_factory=list)
 
 
-def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample random 90° rotation and horizontal flip (the dihedral group D4)."""
+def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, jitter: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-sample random 90° rotation and horizontal flip (the dihedral group D4), and with
+    ``jitter`` > 0 a per-sample, per-band gain ``1 + U(-jitter, jitter)`` on the normalised
+    input (a brightness change of each band, as between acquisitions)."""
+    if jitter > 0:
+        gain = 1 + (torch.rand(x.shape[:2], generator=gen) * 2 - 1) * jitter
+        x = x * gain[:, :, None, None]
     xs, ys = [], []
     ks = torch.randint(0, 4, (len(x),), generator=gen).tolist()
     flips = torch.randint(0, 2, (len(x),), generator=gen).tolist()
@@ -145,6 +151,8 @@ def train(
     weight_decay: float,
     loss: str,
     weighting: str = "none",
+    schedule: str = "constant",
+    jitter: float = 0.0,
     seed: int,
     device: str,
     log_path: Path | None = None,
@@ -167,6 +175,8 @@ def train(
     torch.use_deterministic_algorithms(True, warn_only=True)
     net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    # cosine: the learning rate decays from lr to 0 over `epochs` (Loshchilov & Hutter, SGDR, 2017)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs) if schedule == "cosine" else None
     weights = class_weights(train_chips.labels, n_classes, weighting)
     crit = make_loss(loss, weights, device)
 
@@ -188,7 +198,7 @@ def train(
             total, n = 0.0, 0
             for b in range(0, len(order), batch_size):
                 idx = order[b : b + batch_size]
-                xb, yb = _augment(x_train[idx], y_train[idx], gen)
+                xb, yb = _augment(x_train[idx], y_train[idx], gen, jitter)
                 xb, yb = xb.to(device), yb.to(device)
                 with autocast:
                     out = net(xb)
@@ -198,6 +208,8 @@ def train(
                 opt.step()
                 total += float(lo.detach()) * len(idx)
                 n += len(idx)
+            if sched is not None:
+                sched.step()
             val_loss, val_miou = _validate(net, x_val, y_val, crit, n_classes, batch_size, device, autocast)
             entry = EpochLog(epoch, total / n, val_loss, val_miou, time.perf_counter() - t0)
             best.history.append(entry)
