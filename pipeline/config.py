@@ -176,6 +176,11 @@ class TrainConfig(_Model):
         default="none", description="Cross-entropy class weights from the training label frequencies."
     )
     seed: int = 0
+    refit: bool = Field(
+        default=False,
+        description="After early stopping, train a fresh model on training + validation chips for the best "
+        "epoch count, and save that one.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: Path = Field(default=Path("models/model.safetensors"), description="Where the model is saved.")
 

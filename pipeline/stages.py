@@ -352,21 +352,36 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
         arch=cfg.arch, encoder=cfg.encoder, encoder_depth=cfg.encoder_depth, decoder_channels=cfg.decoder_channels,
         bands=bands, mean=mean, std=std, classes=class_names, tile_size=cfg.tile, halo=0, tileseg_version=__version__,
     )  # fmt: skip
-    torch.manual_seed(cfg.seed)  # the random initial weights are part of a seeded run
-    net = build_model(spec, cfg.encoder_weights)
     device = resolve_device(cfg.device)
     out = Path(cfg.out).with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_suffix(".log.jsonl")
     log_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    result = training.train(
-        net, lambda im, v: normalise(im, spec, v), tr, va, len(class_names),
-        epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, loss=cfg.loss, weighting=cfg.class_weighting,
-        schedule=cfg.lr_schedule, jitter=cfg.spectral_jitter, seed=cfg.seed, device=device, log_path=log_path,
-        progress=progress,
-    )  # fmt: skip
+
+    def fit(chips, val, epochs: int, patience: int):
+        torch.manual_seed(cfg.seed)  # the random initial weights are part of a seeded run
+        return training.train(
+            build_model(spec, cfg.encoder_weights), lambda im, v: normalise(im, spec, v), chips, val,
+            len(class_names), epochs=epochs, patience=patience, batch_size=cfg.batch_size, lr=cfg.lr,
+            weight_decay=cfg.weight_decay, loss=cfg.loss, weighting=cfg.class_weighting, schedule=cfg.lr_schedule,
+            jitter=cfg.spectral_jitter, seed=cfg.seed, device=device, log_path=log_path, progress=progress,
+        )  # fmt: skip
+
+    result = fit(tr, va, cfg.epochs, cfg.patience)
+    refit_epochs = None
+    if cfg.refit:
+        # the validation area has chosen the epoch count; now learn from its labels too
+        va_train = _read_chips(image, gt, gt_nodata, nodata, grid, cfg.val_area, cfg.tile, cfg.stride, progress,
+                               "validation (refit)")  # fmt: skip
+        both = training.Chips(*(np.concatenate([getattr(tr, f), getattr(va_train, f)])
+                                for f in ("images", "labels", "valid")))  # fmt: skip
+        empty = training.Chips(both.images[:0], both.labels[:0], both.valid[:0])
+        refit_epochs = result.best_epoch
+        log.info("refit on %d training + validation chips for %d epochs", len(both), refit_epochs)
+        refit = fit(both, empty, refit_epochs, refit_epochs)
+        result.net = refit.net
+        result.history += refit.history
     spec.trained = {
         "config": cfg.model_dump(mode="json"),
         "ground_truth": str(ground_truth.path),
@@ -374,6 +389,7 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
         "val_chips": len(va),
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
+        "refit_epochs": refit_epochs,
         "best_val_miou": round(result.best_val_miou, 6),
         "device": device,
         "seconds": round(time.perf_counter() - t0, 1),

@@ -65,3 +65,13 @@ def test_training_is_deterministic_on_cpu(real_store, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+def test_refit_trains_again_on_training_and_validation_chips(real_store, tmp_path):
+    store, gt = real_store
+    path = stages.train(store, _cfg(tmp_path, epochs=3, refit=True), gt, CLASSES, progress=False)
+    trained = load_spec(path).trained
+    log = [json.loads(line) for line in path.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert 1 <= trained["refit_epochs"] == trained["best_epoch"] <= 3
+    assert len(log) == 3 + trained["refit_epochs"]  # the early-stopped run, then the refit
+    assert all(e["val_miou"] is None for e in log[3:])  # the refit has no validation left

@@ -215,9 +215,12 @@ def train(
             best.history.append(entry)
             if log_path is not None:
                 with open(log_path, "a") as f:
-                    f.write(json.dumps(entry.__dict__) + "\n")
+                    row = {k: (None if isinstance(v, float) and v != v else v) for k, v in entry.__dict__.items()}
+                    f.write(json.dumps(row) + "\n")  # NaN (no validation) as null: strict JSON
             bar.set_postfix(loss=f"{entry.train_loss:.3f}", val_mIoU=f"{val_miou:.3f}")
-            if val_miou > best.best_val_miou:
+            if len(val_chips) == 0:  # no validation (a refit): keep the last epoch, run them all
+                best.best_epoch, best_state = epoch, copy.deepcopy(net.state_dict())
+            elif val_miou > best.best_val_miou:
                 best.best_val_miou, best.best_epoch = val_miou, epoch
                 best_state = copy.deepcopy(net.state_dict())
                 since_best = 0
