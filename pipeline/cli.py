@@ -113,7 +113,7 @@ def ingest(
 @app.command()
 def segment(store: Annotated[Path, typer.Argument(help="Store from `tileseg ingest`.")],
             config: ConfigOpt = None, set_: SetOpt = None) -> None:  # fmt: skip
-    """Classical segmentation (threshold / Otsu or k-means) -> `labels` in the store."""
+    """Segment the store's image (threshold / Otsu, k-means or U-Net) -> `labels` in the store."""
     from pipeline import stages
 
     def go() -> Path:

@@ -151,40 +151,6 @@ class SegmentConfig(_Model):
         return self
 
 
-class TrainConfig(_Model):
-    """Training a segmentation model on labeled rasters (`tileseg train`)."""
-
-    arch: str = Field(default="Unet", description="smp architecture (Unet, FPN, ...) or 'fcn_resnet50'.")
-    encoder: str = "resnet18"
-    encoder_depth: int = Field(default=3, ge=1, le=5)
-    decoder_channels: list[int] | None = Field(default=[64, 32, 16])
-    encoder_weights: str | None = Field(default=None, description="Pretrained encoder weights (needs internet).")
-    bands: list[str] | None = Field(default=None, description="Input bands. Default: all bands of the store.")
-    train_area: BBox
-    val_area: BBox
-    tile: int = Field(default=128, ge=16, description="Training chip edge, pixels.")
-    stride: int = Field(default=64, ge=1, description="Stride between candidate chips, pixels.")
-    epochs: int = Field(default=40, ge=1)
-    patience: int = Field(default=8, ge=1, description="Early stopping: epochs without a better validation mIoU.")
-    batch_size: int = Field(default=16, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    lr_schedule: Literal["constant", "cosine"] = Field(default="constant", description="Learning-rate schedule.")
-    spectral_jitter: float = Field(default=0.0, ge=0, lt=1, description="Per-band random gain 1 ± this, in training.")
-    weight_decay: float = Field(default=1e-4, ge=0)
-    loss: Literal["ce", "dice", "ce+dice"] = "ce+dice"
-    class_weighting: Literal["none", "inverse_sqrt"] = Field(
-        default="none", description="Cross-entropy class weights from the training label frequencies."
-    )
-    seed: int = 0
-    refit: bool = Field(
-        default=False,
-        description="After early stopping, train a fresh model on training + validation chips for the best "
-        "epoch count, and save that one.",
-    )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    out: Path = Field(default=Path("models/model.safetensors"), description="Where the model is saved.")
-
-
 class StitchConfig(_Model):
     """Options of the COG writer."""
 
@@ -299,6 +265,41 @@ class AreaConfig(_Model):
             b = self.bbox
             return "bbox (" + ", ".join(f"{v:.12g}" for v in (b.xmin, b.ymin, b.xmax, b.ymax)) + ")"
         return f"polygons {self.polygons}" if self.polygons is not None else f"mask {self.mask}"
+
+
+
+class TrainConfig(_Model):
+    """Training a segmentation model on labeled rasters (`tileseg train`)."""
+
+    arch: str = Field(default="Unet", description="smp architecture (Unet, FPN, ...) or 'fcn_resnet50'.")
+    encoder: str = "resnet18"
+    encoder_depth: int = Field(default=3, ge=1, le=5)
+    decoder_channels: list[int] | None = Field(default=[64, 32, 16])
+    encoder_weights: str | None = Field(default=None, description="Pretrained encoder weights (needs internet).")
+    bands: list[str] | None = Field(default=None, description="Input bands. Default: all bands of the store.")
+    train_area: AreaConfig = Field(description="Where chips are cut: a bbox (map units), polygons or a mask raster.")
+    val_area: AreaConfig = Field(description="Where early stopping is judged; same forms as train_area.")
+    tile: int = Field(default=128, ge=16, description="Training chip edge, pixels.")
+    stride: int = Field(default=64, ge=1, description="Stride between candidate chips, pixels.")
+    epochs: int = Field(default=40, ge=1)
+    patience: int = Field(default=8, ge=1, description="Early stopping: epochs without a better validation mIoU.")
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(default="constant", description="Learning-rate schedule.")
+    spectral_jitter: float = Field(default=0.0, ge=0, lt=1, description="Per-band random gain 1 ± this, in training.")
+    weight_decay: float = Field(default=1e-4, ge=0)
+    loss: Literal["ce", "dice", "ce+dice"] = "ce+dice"
+    class_weighting: Literal["none", "inverse_sqrt"] = Field(
+        default="none", description="Cross-entropy class weights from the training label frequencies."
+    )
+    seed: int = 0
+    refit: bool = Field(
+        default=False,
+        description="After early stopping, train a fresh model on training + validation chips for the best "
+        "epoch count, and save that one.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: Path = Field(default=Path("models/model.safetensors"), description="Where the model is saved.")
 
 
 class ReportConfig(_Model):

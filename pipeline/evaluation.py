@@ -185,22 +185,27 @@ def _image(p: _Prediction, pred: Path, image: Path | None, optional: bool) -> tu
     return _Image(data, names, nodata, path), f"image of the store {path}"
 
 
-def _area(area: AreaConfig | None, grid: Grid, chunks) -> tuple[da.Array | None, Window]:
-    """Lazy area mask (None: the whole raster) and the window of the grid it spans."""
+def area_mask_and_window(area: AreaConfig | None, grid: Grid, chunks, role: str = "evaluation area"
+                         ) -> tuple[da.Array | None, Window]:  # fmt: skip
+    """Lazy bool (y, x) area mask (None: the whole raster) and the window of the grid it spans.
+
+    Raises:
+        InputError: the area does not overlap the grid (both extents named).
+    """
     full = Window(0, 0, grid.width, grid.height)
     if area is None:
         return None, full
     if area.bbox is not None:
         b = area.bbox
-        bounds, crs, what = (b.xmin, b.ymin, b.xmax, b.ymax), grid.crs_wkt, f"evaluation area {area.describe()}"
+        bounds, crs, what = (b.xmin, b.ymin, b.xmax, b.ymax), grid.crs_wkt, f"{role} {area.describe()}"
         mask = apply.area_mask(grid, chunks, bounds)
     elif area.polygons is not None:
         bounds, crs = vec_io.layer_bounds(area.polygons)
-        what = f"evaluation area {area.polygons}"
+        what = f"{role} {area.polygons}"
         mask = apply.polygon_area_mask(str(area.polygons), grid, chunks)
     else:
         info = rio_io.raster_info(area.mask)
-        bounds, crs, what = info.grid.bounds(), info.grid.crs_wkt, f"evaluation area mask {area.mask}"
+        bounds, crs, what = info.grid.bounds(), info.grid.crs_wkt, f"{role} mask {area.mask}"
         mask = apply.raster_area_mask(str(area.mask), grid, chunks, info.nodata)
     check_overlap(grid, bounds, crs, what)
     window = bounds_window(grid, _transform_bounds(bounds, crs, grid.crs_wkt)) or full
@@ -309,7 +314,7 @@ def evaluate(
     gt_arr, gt_nodata = ground_truth_array(gt, p.grid, chunks, names)
     gt_ignore = resolve_ids(gt.ignore_classes, names, "evaluate.ground_truth.ignore_classes", allow_raw=True)
     pred_ignore = resolve_ids(prediction.ignore_classes, names, "evaluate.prediction.ignore_classes", allow_raw=True)
-    mask, window = _area(area, p.grid, chunks)
+    mask, window = area_mask_and_window(area, p.grid, chunks)
     img, image_note = _image(p, pred, image, image_optional)
     valid = apply.image_valid(img.data, img.nodata) if img is not None else None
     err_nodata = p.nodata if p.nodata is not None and 3 <= p.nodata <= 255 else LABEL_NODATA

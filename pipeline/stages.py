@@ -20,6 +20,7 @@ from pipeline.classes import class_colormap
 from pipeline.cluster import compute
 from pipeline.config import (
     LABEL_NODATA,
+    AreaConfig,
     BBox,
     ClassInfo,
     GroundTruthConfig,
@@ -267,32 +268,25 @@ from pipeline.evaluation import EvaluationResult, evaluate  # noqa: E402
 
 
 # --------------------------------------------------------------------------- train
-def _area_slices(grid: Grid, area: BBox) -> tuple[slice, slice]:
-    """Row and column ranges of the pixels whose centres lie in ``area``.
-
-    Raises:
-        InputError: the area holds no pixel of the grid.
-    """
-    xs = np.flatnonzero((grid.x_centres() >= area.xmin) & (grid.x_centres() < area.xmax))
-    ys = np.flatnonzero((grid.y_centres() >= area.ymin) & (grid.y_centres() < area.ymax))
-    if not len(xs) or not len(ys):
-        raise InputError(f"area {_bbox(area)} holds no pixel of the raster (extent {grid.bounds()})")
-    return slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
-
-
-def _read_chips(image, gt, gt_nodata: int, nodata, grid: Grid, area: BBox, tile: int, stride: int,
+def _read_chips(image, gt, gt_nodata: int, nodata, grid: Grid, area: AreaConfig, tile: int, stride: int,
                 progress: bool, label: str):  # fmt: skip
-    """Chips of ``tile`` px every ``stride`` px inside ``area``; chips without a labeled pixel are skipped.
+    """Chips of ``tile`` px every ``stride`` px inside ``area`` (a bbox, polygons or a mask);
+    labels outside the area are ignored, and chips without a labeled pixel are skipped.
 
-    The area (not the raster) is read into memory.
+    The window spanned by the area (not the raster) is read into memory.
     """
+    from pipeline.evaluation import area_mask_and_window
     from pipeline.segment.training import IGNORE, Chips
 
-    rs, cs = _area_slices(grid, area)
-    img, lab = compute(image[:, rs, cs], gt[rs, cs], label=f"train: reading the {label} area", progress=progress)
-    img, lab = np.asarray(img), np.asarray(lab).astype(np.int64)
+    mask, window = area_mask_and_window(area, grid, image.chunks[1:], role=f"{label} area")
+    rs = slice(int(window.row_off), int(window.row_off + window.height))
+    cs = slice(int(window.col_off), int(window.col_off + window.width))
+    parts = [image[:, rs, cs], gt[rs, cs]] + ([mask[rs, cs]] if mask is not None else [])
+    got = compute(*parts, label=f"train: reading the {label} area", progress=progress)
+    img, lab = np.asarray(got[0]), np.asarray(got[1]).astype(np.int64)
+    inside = np.asarray(got[2]) if mask is not None else np.ones(lab.shape, bool)
     valid = np.ones(img.shape[1:], bool) if nodata is None else ~(img == nodata).all(axis=0)
-    lab[(lab == gt_nodata) | ~valid] = IGNORE
+    lab[(lab == gt_nodata) | ~valid | ~inside] = IGNORE
     h, w = lab.shape
     if h < tile or w < tile:
         raise InputError(f"the {label} area is {w} x {h} px, smaller than one {tile} px chip")

@@ -75,7 +75,7 @@ def test_train_flow_saves_a_model_and_publishes_an_artifact(sample, repo_root, t
         repo_root / "config" / "default.yaml",
         [f"output_dir={tmp_path / 'out'}", "dask.processes=false", "dask.n_workers=1", "dask.progress=false",
          "train.encoder_depth=2", "train.decoder_channels=[16, 8]", "train.epochs=1", "train.tile=64",
-         "train.stride=128", f"train.out={tmp_path / 'm.safetensors'}"],
+         "train.stride=128", "train.refit=false", f"train.out={tmp_path / 'm.safetensors'}"],
     )  # fmt: skip
     model = train_run(cfg)
     spec = load_spec(model)

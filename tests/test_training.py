@@ -75,3 +75,21 @@ def test_refit_trains_again_on_training_and_validation_chips(real_store, tmp_pat
     assert 1 <= trained["refit_epochs"] == trained["best_epoch"] <= 3
     assert len(log) == 3 + trained["refit_epochs"]  # the early-stopped run, then the refit
     assert all(e["val_miou"] is None for e in log[3:])  # the refit has no validation left
+
+
+def test_training_area_as_polygons(real_store, tmp_path):
+    """A polygon training area: only chips with labeled pixels inside the polygon are used."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    store, gt = real_store
+    poly = tmp_path / "area.geojson"
+    gpd.GeoDataFrame(geometry=[box(331000, 5816000, 332280, 5817280)], crs="EPSG:32633").to_file(poly)
+    from pipeline.config import AreaConfig
+
+    path = stages.train(store, _cfg(tmp_path, epochs=1, train_area=AreaConfig(polygons=poly)), gt, CLASSES,
+                        progress=False)  # fmt: skip
+    with_poly = load_spec(path).trained["train_chips"]
+    full = stages.train(store, _cfg(tmp_path / "f", epochs=1), gt, CLASSES, progress=False)
+    assert 0 < with_poly <= 4  # a 128 x 128 px polygon holds at most 2 x 2 chips of 64 px
+    assert load_spec(full).trained["train_chips"] > with_poly

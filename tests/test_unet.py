@@ -120,3 +120,29 @@ def test_fcn_baseline_runs_through_the_same_path(odd_scene, tmp_path):
     path = save_model(build_model(spec), spec, tmp_path / "fcn.safetensors")
     lab = _segment(tif, tmp_path, 512, path)["labels"].values
     assert lab.shape == (530, 700) and set(np.unique(lab[5:, 5:])) <= {0, 1, 2}
+
+
+def test_constant_model_stitches_to_a_constant_cog(odd_scene, tmp_path):
+    """A model whose logits ignore the input gives one class everywhere, up to the raster edges,
+    through segment and stitch."""
+    import rasterio
+
+    from pipeline.config import StitchConfig
+
+    tif, _ = odd_scene
+    spec = tiny_spec()
+    net = build_model(spec)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.segmentation_head[0].bias.copy_(torch.tensor([0.1, 0.7, 0.2]))
+    path = save_model(net, spec, tmp_path / "const.safetensors")
+    ds = _segment(tif, tmp_path, 200, path)
+    probs = ds["probabilities"].values.astype(np.float32)
+    expected = torch.softmax(torch.tensor([0.1, 0.7, 0.2]), 0).numpy()
+    assert np.abs(probs - expected[:, None, None]).max() < 1e-3  # float16 storage, every pixel incl. edges
+    cog = stages.stitch(tmp_path / "c200.zarr", tmp_path / "const.tif", StitchConfig(), progress=False)
+    with rasterio.open(cog) as src:
+        lab = src.read(1)
+    assert (lab[5:, 5:] == 1).all()  # class 1 has the largest logit, up to the last row and column
+    assert (lab[:5] == 255).all()  # the nodata collar stays nodata

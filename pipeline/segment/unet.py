@@ -15,7 +15,6 @@ not once per task.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -236,7 +235,3 @@ def normalise(batch: np.ndarray, spec: ModelSpec, valid: np.ndarray | None = Non
 def describe(spec: ModelSpec) -> str:
     """One line naming the model, for logs."""
     return f"{spec.arch}/{spec.encoder} depth {spec.encoder_depth}, bands {spec.bands}, classes {spec.classes}"
-
-
-def spec_json(spec: ModelSpec) -> str:
-    return json.dumps(spec.model_dump(), sort_keys=True)
