@@ -129,7 +129,9 @@ class UNetConfig(_Model):
 
     model: Path | None = Field(default=None, description="Saved model: NAME.safetensors with NAME.json beside it.")
     window: int = Field(default=256, ge=16, le=8192, description="Inference window edge W, pixels.")
-    overlap: float = Field(default=0.25, ge=0.0, lt=1.0, description="Window overlap; stride S = round(W*(1-overlap)).")
+    overlap: float = Field(
+        default=0.25, ge=0.0, le=0.875, description="Window overlap; stride S = round(W*(1-overlap)) >= W/8."
+    )
     blend: Literal["hann", "gaussian"] = Field(default="hann", description="Window weighting for blending.")
     batch_size: int = Field(default=8, ge=1, le=4096, description="Windows per model call.")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -69,16 +69,20 @@ def _fmt_extent(b) -> str:
     return "(" + ", ".join(f"{v:.3f}".rstrip("0").rstrip(".") for v in b) + ")"
 
 
-def check_overlap(grid: Grid, bounds, crs_wkt: str | None, what: str) -> None:
-    """Refuse an input whose extent (``bounds`` in ``crs_wkt``) misses the prediction grid.
+def check_overlap(grid: Grid, bounds, crs_wkt: str | None, what: str, target: str = "the prediction") -> None:
+    """Refuse an input whose extent (``bounds`` in ``crs_wkt``) misses ``grid``, or whose CRS
+    cannot be related to the grid's (one of them has a CRS, the other none).
 
     Raises:
-        InputError: naming both extents, in the prediction's CRS.
+        InputError: naming both extents, in the grid's CRS.
     """
+    if (crs_wkt is None) != (grid.crs_wkt is None):
+        has, lacks = (what, target) if crs_wkt is not None else (target, what)
+        raise InputError(f"{has} has a CRS but {lacks} has none; assign the same CRS to both")
     b = grid.bounds()
     o = _transform_bounds(bounds, crs_wkt, grid.crs_wkt)
     if o[0] >= b[2] or o[2] <= b[0] or o[1] >= b[3] or o[3] <= b[1]:
-        raise InputError(f"{what} (extent {_fmt_extent(o)}) does not overlap the prediction (extent {_fmt_extent(b)})")
+        raise InputError(f"{what} (extent {_fmt_extent(o)}) does not overlap {target} (extent {_fmt_extent(b)})")
 
 
 def ground_truth_array(gt: GroundTruthConfig, grid: Grid, chunks, class_names: list[str]) -> tuple[da.Array, int]:

@@ -64,9 +64,17 @@ def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool =
             nodata = file_nodata.pop()
         else:
             log.warning("inputs disagree on nodata (%s); none is used. Set ingest.nodata to choose one", file_nodata)
+    store = Path(store)
+    if store.exists() and not (store / "zarr.json").is_file():
+        raise InputError(f"{store} exists and is not a zarr store; refusing to overwrite it (choose another path)")
+    if any(store.resolve() == p or store.resolve() in p.parents for p in (Path(x).resolve() for x in sources)):
+        raise InputError(f"the store path {store} is (or contains) one of the inputs; choose another path")
+    from pipeline.evaluation import check_overlap
+
+    for b in {b.path: b for b in bands}.values():  # a band entirely off the grid would read as all nodata
+        check_overlap(grid, b.grid.bounds(), b.grid.crs_wkt, f"input {b.path}", "the target grid")
     image = apply.read_image(bands, grid, cfg.chunk_size, cfg.grid.resampling, nodata)
     ds = zstore.image_dataset(image, grid, [b.name for b in bands], nodata)
-    store = Path(store)
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_name(f".{store.name}.partial")
     if tmp.exists():
@@ -134,6 +142,9 @@ def segment(
             lo, hi = compute(*apply.finite_range(values, valid), label="otsu: value range", progress=progress)
             if not np.isfinite(lo):
                 raise InputError(f"no valid pixel for {tc.expression!r} (all nodata?)")
+            if hi <= lo:
+                raise InputError(f"every valid pixel of {tc.expression!r} is {float(lo):g}: Otsu needs two values; "
+                                 "set segment.threshold.value")  # fmt: skip
             edges = np.linspace(float(lo), float(hi) if hi > lo else float(lo) + 1.0, tc.bins + 1)
             (counts,) = compute(apply.global_histogram(values, valid, edges), label="otsu: histogram", progress=progress)
             threshold = otsu_threshold(np.asarray(counts), edges)
@@ -181,11 +192,16 @@ def segment(
         if mapping is None and not class_names:
             class_names = [f"cluster_{k}" for k in range(kc.n_clusters)]
     attrs["class_names"] = class_names
-    compute(
-        zstore.write_labels(Path(store), labels, grid, attrs, probabilities),
-        label=f"segment ({cfg.method})",
-        progress=progress,
-    )
+    try:
+        compute(
+            zstore.write_labels(Path(store), labels, grid, attrs, probabilities),
+            label=f"segment ({cfg.method})",
+            progress=progress,
+        )
+    except BaseException:
+        zstore.discard_partial_labels(Path(store))
+        raise
+    zstore.publish_labels(Path(store))
     return Path(store)
 
 

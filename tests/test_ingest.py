@@ -91,3 +91,26 @@ def test_wrong_band_name_count(multires, tmp_path):
     d, paths, *_ = multires
     with pytest.raises(InputError, match="band_names"):
         _ingest(paths, tmp_path / "s.zarr", band_names=["x"])
+
+
+def test_ingest_never_overwrites_what_is_not_a_store(multires, tmp_path):
+    d, paths, *_ = multires
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "important.txt").write_text("precious")
+    with pytest.raises(InputError, match="not a zarr store"):
+        _ingest(paths, keep)
+    assert (keep / "important.txt").read_text() == "precious"
+    with pytest.raises(InputError, match="not a zarr store|one of the inputs"):
+        _ingest(paths, paths[1])
+    assert paths[1].is_file()
+
+
+def test_a_band_off_the_grid_is_refused(tmp_path):
+    import numpy as np
+
+    a = synth.write_tif(tmp_path / "a_B03.tif", np.ones((50, 50), np.uint16))
+    far = synth.write_tif(tmp_path / "far_B08.tif", np.ones((50, 50), np.uint16), origin=(930000.0, 5822040.0))
+    with pytest.raises(InputError, match="does not overlap the target grid"):
+        _ingest([a, far], tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()

@@ -108,3 +108,26 @@ def test_expression_rejects_code_and_unknown_bands():
         Expression.parse("B99 + B03", names)
     vals = Expression.parse("-B03 ** 2 / 4 + 1", names).evaluate({"B03": np.array([2.0]), "B08": np.array([0.0])})
     np.testing.assert_allclose(vals, [0.0])
+
+
+def test_failed_segment_keeps_earlier_labels_and_leaves_no_partial_array(scene, tmp_path):
+    store = stages.ingest([scene["tif"]], tmp_path / "s.zarr", IngestConfig(chunk_size=256), progress=False)
+    before = _labels(store, OTSU).values
+    bad = SegmentConfig(method="threshold", threshold=ThresholdConfig(expression="B03 + 9**9**9", value=1))
+    with pytest.raises(OverflowError):  # raised inside the Dask tasks, half-way through the write
+        stages.segment(store, bad, progress=False)
+    ds = xr.open_zarr(store)
+    assert "labels_partial" not in ds and not (store / "labels_partial").exists()
+    np.testing.assert_array_equal(ds["labels"].values, before)
+    assert ds["labels"].attrs["otsu"] is True
+
+
+def test_otsu_on_a_constant_raster_is_a_clear_error(tmp_path):
+    from tests import synth
+
+    tif = synth.write_tif(tmp_path / "c.tif", np.full((2, 40, 30), 7, np.uint16), names=["B03", "B08"])
+    store = stages.ingest([tif], tmp_path / "c.zarr", IngestConfig(chunk_size=64), progress=False)
+    with pytest.raises(InputError, match="Otsu needs two values"):
+        stages.segment(store, SegmentConfig(method="threshold", threshold=ThresholdConfig(expression="B03")),
+                       progress=False)  # fmt: skip
+    assert "labels" not in xr.open_zarr(store)

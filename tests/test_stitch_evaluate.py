@@ -166,3 +166,10 @@ def test_vector_ground_truth_on_threads_equals_single_thread(tmp_path):
     with dask.config.set(scheduler="threads", num_workers=4):
         np.testing.assert_array_equal(lazy.compute(), one)
     assert (one != 255).mean() > 0.2
+
+
+def test_prediction_without_crs_against_ground_truth_with_crs_is_refused(tmp_path):
+    pred = synth.write_tif(tmp_path / "p.tif", np.zeros((20, 20), np.uint8), crs=None)
+    gt = synth.write_tif(tmp_path / "g.tif", np.zeros((20, 20), np.uint8))
+    with pytest.raises(InputError, match="has a CRS but"):
+        stages.evaluate(pred, GroundTruthConfig(path=gt), ["a"], None, tmp_path / "r", 64, progress=False)

@@ -80,6 +80,8 @@ def describe_sources(paths: Iterable[str | Path], band_names: list[str] | None =
     sources: list[BandSource] = []
     for path in paths:
         with _open(path) as ds:
+            if ds.count == 0:
+                raise RasterIOError(f"{path} has no raster bands (a zarr store or a container?); give raster files")
             crs_wkt = ds.crs.to_wkt() if ds.crs else None
             grid = Grid(crs_wkt, ds.transform, ds.height, ds.width)
             for i in range(1, ds.count + 1):
@@ -124,6 +126,9 @@ def target_grid(sources: list[BandSource], reference: str | None, resolution: fl
     else:
         ref = min(sources, key=lambda s: abs(s.grid.transform.a * s.grid.transform.e))
     grid = ref.grid
+    if grid.transform.is_identity and grid.crs_wkt is None:
+        raise InputError(f"{ref.path} has no georeferencing (no CRS, identity transform); assign a CRS and "
+                         "transform (gdal_edit.py -a_srs -a_ullr) first")  # fmt: skip
     if not grid.is_north_up():
         raise InputError(f"{ref.path} has a rotated or south-up transform; warp it north-up first")
     if resolution is not None:

@@ -81,15 +81,25 @@ def write_image(ds: xr.Dataset, path: Path, chunk: int) -> Any:
     return _to_zarr(ds, path, "w", {IMAGE: {"chunks": (nb, chunk, chunk)}})
 
 
+def _consolidate(store: Path) -> None:
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(store, zarr_format=3)
+
+
 def _drop_variable(store: Path, name: str) -> None:
     import zarr
 
     group = zarr.open_group(store, mode="r+", zarr_format=3)
     if name in group:
         del group[name]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-            zarr.consolidate_metadata(store, zarr_format=3)
+        _consolidate(store)
+
+
+def _partial(name: str) -> str:
+    return f"{name}_partial"
 
 
 def write_labels(
@@ -102,23 +112,54 @@ def write_labels(
     """Prepare writing ``labels`` (y, x) (and optionally ``probabilities`` (class, y, x),
     float16) into an existing store; returns a Dask delayed to compute.
 
-    Arrays must be chunked like the store's ``image`` in (y, x), so every task writes
-    whole zarr chunks. Earlier ``labels``/``probabilities`` are replaced whole.
+    The arrays are written as ``labels_partial`` / ``probabilities_partial``; only
+    :func:`publish_labels` (after the compute succeeded) renames them onto ``labels`` /
+    ``probabilities``, replacing the earlier ones whole. A failed or killed run therefore
+    never leaves a ``labels`` array with unwritten chunks (which would read as class 0),
+    and an earlier complete ``labels`` survives it. Arrays must be chunked like the
+    store's ``image`` in (y, x), so every task writes whole zarr chunks.
     """
-    for name in (LABELS, PROBABILITIES):
-        _drop_variable(store, name)  # a re-run replaces them whole, attributes included
+    discard_partial_labels(store)  # leftovers of a killed run
     coords = _coords(grid)
-    data_vars = {LABELS: xr.DataArray(labels, dims=("y", "x"), coords=coords, attrs=dict(attrs))}
+    data_vars = {_partial(LABELS): xr.DataArray(labels, dims=("y", "x"), coords=coords, attrs=dict(attrs))}
     chunks = (labels.chunks[0][0], labels.chunks[1][0])
-    encoding: dict[str, Any] = {LABELS: {"chunks": chunks}}
+    encoding: dict[str, Any] = {_partial(LABELS): {"chunks": chunks}}
     if probabilities is not None:
         names = list(attrs.get("class_names") or [])
-        data_vars[PROBABILITIES] = xr.DataArray(
+        data_vars[_partial(PROBABILITIES)] = xr.DataArray(
             probabilities, dims=("class", "y", "x"), coords=coords, attrs={"class_names": names}
         )
-        encoding[PROBABILITIES] = {"chunks": (probabilities.shape[0],) + chunks}
+        encoding[_partial(PROBABILITIES)] = {"chunks": (probabilities.shape[0],) + chunks}
     ds = _georeference(xr.Dataset(data_vars), grid)
     return _to_zarr(ds, store, "a", encoding)
+
+
+def publish_labels(store: Path) -> None:
+    """Rename the arrays written by :func:`write_labels` onto ``labels`` / ``probabilities``.
+
+    Earlier ``labels`` and ``probabilities`` are removed first (also ``probabilities`` when
+    this run wrote none, so no stale probabilities stay next to new labels).
+
+    Raises:
+        RasterIOError: the store cannot be changed.
+    """
+    store = Path(store)
+    try:
+        for name in (LABELS, PROBABILITIES):
+            final, tmp = store / name, store / _partial(name)
+            if final.exists():
+                shutil.rmtree(final)
+            if tmp.exists():
+                tmp.rename(final)
+        _consolidate(store)
+    except OSError as exc:
+        raise RasterIOError(f"cannot publish labels in {store}: {exc}") from None
+
+
+def discard_partial_labels(store: Path) -> None:
+    """Remove arrays left by an unfinished :func:`write_labels` (no-op when there are none)."""
+    for name in (LABELS, PROBABILITIES):
+        _drop_variable(Path(store), _partial(name))
 
 
 def read_region(store: str | Path, bands: list[int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:

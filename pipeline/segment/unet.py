@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import InputError, RasterIOError
 
@@ -129,8 +129,10 @@ def load_spec(path: str | Path) -> ModelSpec:
             raise RasterIOError(f"model file not found: {p} (a model is NAME.safetensors + NAME.json)")
     try:
         return ModelSpec.model_validate_json(sidecar.read_text())
-    except ValueError as exc:
-        raise InputError(f"{sidecar} is not a valid tileseg model sidecar: {exc}".splitlines()[0]) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "file"
+        raise InputError(f"{sidecar} is not a valid tileseg model sidecar ({where}: {first['msg']})") from None
 
 
 def load_model(path: str | Path, device: str = "cpu"):
