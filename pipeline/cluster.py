@@ -63,7 +63,7 @@ def dask_client(cfg: DaskConfig) -> Iterator[Any]:
                     memory_limit=cfg.memory_limit,
                     processes=cfg.processes,
                     dashboard_address=":0",
-                    silence_logs=logging.WARNING,
+                    silence_logs=logging.CRITICAL,  # a failing task is reported once, as our one-line error
                 )
                 client = Client(cluster)
         except OSError as exc:
@@ -73,10 +73,14 @@ def dask_client(cfg: DaskConfig) -> Iterator[Any]:
         try:
             yield client
         finally:
+            # An in-process scheduler logs the cancelled progress-bar feed of a finished
+            # computation as an ERROR while closing; nothing is lost, so hide that one moment.
+            logging.getLogger("distributed.scheduler").setLevel(logging.CRITICAL)
             client.close()
     finally:
         if cluster is not None:
             cluster.close()
+        logging.getLogger("distributed.scheduler").setLevel(logging.NOTSET)
         dlog.setLevel(level)
 
 
