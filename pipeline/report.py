@@ -77,7 +77,10 @@ def report_dict(
         grid: the prediction grid (for areas and georeferencing).
         context: extra top-level entries (config hash, area, image validity, options, ...).
     """
-    factor, unit, unit_note = area_unit(grid.crs_wkt if grid else None)
+    if grid is None:  # bare metrics (scripts, training): no grid, so areas are pixel counts
+        factor, unit, unit_note = 1.0, "px", "no grid given: areas in pixels"
+    else:
+        factor, unit, unit_note = area_unit(grid.crs_wkt)
     px_area = pixel_area(grid) if grid else 1.0
 
     def area(pixels: int) -> float:
@@ -269,14 +272,15 @@ def console_table(report: Report, class_names: list[str] | None = None) -> str:
     doc = as_report(report, class_names)
     width = max([len(c["name"]) for c in doc["classes"]] + [22])
     unit = doc["area_unit"]
+    with_area = unit != "px"  # an area column in pixels would repeat the pixel counts
     out = [f"{'class':<{width}}  {'IoU':>7}  {'Dice/F1':>7}  {'prec.':>7}  {'recall':>7}  {'GT px':>10}  "
-           f"{'pred px':>10}  {'GT ' + unit:>10}"]  # fmt: skip
+           f"{'pred px':>10}" + (f"  {'GT ' + unit:>10}" if with_area else "")]  # fmt: skip
     for c in doc["classes"]:
         name = c["name"] + ("" if c["applicable"] else " *")
         out.append(
             f"{name:<{width}}  {_fmt(c['iou']):>7}  {_fmt(c['dice_f1']):>7}  {_fmt(c['precision']):>7}  "
-            f"{_fmt(c['recall']):>7}  {c['support_pixels']:>10}  {c['predicted_pixels']:>10}  "
-            f"{_fmt_area(c['support_area']):>10}"
+            f"{_fmt(c['recall']):>7}  {c['support_pixels']:>10}  {c['predicted_pixels']:>10}"
+            + (f"  {_fmt_area(c['support_area']):>10}" if with_area else "")
         )
     out.append("")
     defs = doc["aggregate_definitions"]
