@@ -34,3 +34,7 @@ def run(
 
 
 _ = ConfigOpt  # re-exported option type, kept for subcommands added here later
+
+
+if __name__ == "__main__":  # python -m flows.cli
+    app()

@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from pipeline.config import RunConfig, load_config, validate_config
-from pipeline.errors import ConfigError, TilesegError
+from pipeline.errors import ConfigError, TilesegError, io_failure
 
 app = typer.Typer(
     name="tileseg",
@@ -45,6 +45,10 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    if not debug:
+        # rasterio logs each GDAL error it turns into an exception; without a handler Python
+        # prints them bare on stderr before tileseg's own one-line error says the same.
+        logging.getLogger("rasterio").addHandler(logging.NullHandler())
 
 
 def guarded(fn: Callable[[], T]) -> T:
@@ -60,6 +64,12 @@ def guarded(fn: Callable[[], T]) -> T:
         if _state["debug"]:
             raise
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:  # from a library: disk full, permissions, a path that is a folder
+        if _state["debug"]:
+            raise
+        where = exc.filename or "a file"
+        typer.echo(f"error: {io_failure('accessing', where, exc)}", err=True)
         raise typer.Exit(1) from None
     except Exception as exc:  # an unexpected failure: still one line, with a hint
         if _state["debug"]:

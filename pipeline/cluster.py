@@ -15,7 +15,7 @@ from typing import Any
 import dask
 
 from pipeline.config import DaskConfig
-from pipeline.errors import TilesegError
+from pipeline.errors import TilesegError, io_failure
 
 log = logging.getLogger("tileseg")
 
@@ -84,22 +84,75 @@ def dask_client(cfg: DaskConfig) -> Iterator[Any]:
         dlog.setLevel(level)
 
 
-def compute(*objs: Any, label: str, progress: bool = True) -> tuple[Any, ...]:
+def _executing(dask_worker: Any) -> int:
+    state = dask_worker.state
+    return len(state.executing) + len(state.long_running)
+
+
+def _settle(client: Any, futures: list[Any], timeout: float = 60.0) -> None:
+    """Cancel ``futures`` and wait until no worker is still executing a task (bounded).
+
+    A cancelled task that is already running keeps running on its worker thread; a
+    caller that removes a half-written output right after a failure would race with it
+    (a chunk written after the removal re-creates the folder). Waiting for the workers
+    to go idle closes that window.
+    """
+    import time
+
+    client.cancel(futures)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if sum(client.run(_executing).values()) == 0:
+                return
+        except Exception:  # a worker died or the cluster is closing: nothing left to wait for
+            return
+        time.sleep(0.1)
+    log.warning("tasks of a failed computation were still running after %.0f s", timeout)
+
+
+def compute(*objs: Any, label: str, progress: bool = True, writes: Any = None) -> tuple[Any, ...]:
     """Compute Dask collections on the current client (or the local scheduler), with a progress bar.
 
-    Returns the computed results in order, like ``dask.compute``.
+    Returns the computed results in order, like ``dask.compute``. When a task fails,
+    the remaining tasks are cancelled and running ones are waited for, so that the caller
+    can clean up partial outputs safely.
+
+    Args:
+        writes: the output the computation writes (a path), named in the error when an
+            OS error (disk full, permissions) escapes a task.
+
+    Raises:
+        RasterIOError: an OS error while writing ``writes``.
+        Whatever a task raised, otherwise.
     """
+    try:
+        return _compute(objs, label, progress)
+    except TilesegError:
+        raise
+    except OSError as exc:
+        if writes is None:
+            raise
+        failure = io_failure("writing", writes, exc)
+    raise failure  # outside `except`: a plain one-line error
+
+
+def _compute(objs: tuple[Any, ...], label: str, progress: bool) -> tuple[Any, ...]:
     client = current_client()
     if progress:
         print(f"[tileseg] {label}", flush=True)
     if client is not None:
         futures = client.compute(list(objs))
-        if progress:
-            from distributed import progress as dprogress
+        try:
+            if progress:
+                from distributed import progress as dprogress
 
-            dprogress(futures, notebook=False)
-            print(flush=True)
-        return tuple(client.gather(futures))
+                dprogress(futures, notebook=False)
+                print(flush=True)
+            return tuple(client.gather(futures))
+        except BaseException:
+            _settle(client, futures)
+            raise
     if progress:
         from dask.diagnostics import ProgressBar
 

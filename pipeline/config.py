@@ -94,6 +94,11 @@ class IngestConfig(_Model):
         default=None, description="Nodata value of the input, overriding what the files say (None: use the files')."
     )
     grid: GridConfig = GridConfig()
+    allow_no_crs: bool = Field(
+        default=False,
+        description="Ingest rasters without a CRS in pixel coordinates (their transform's units). "
+        "Off: such rasters are refused. Evaluation against vector ground truth needs a CRS.",
+    )
 
 
 class ThresholdConfig(_Model):

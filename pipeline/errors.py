@@ -28,3 +28,36 @@ class RasterIOError(TilesegError, OSError):
 
 class DataFetchError(TilesegError, OSError):
     """The sample data could not be fetched or failed its checksum."""
+
+
+_HINTS = {
+    "ENOSPC": "free disk space (or choose another output folder) and rerun",
+    "EFBIG": "the file exceeds a file size limit (ulimit -f or the filesystem's); free space or raise the limit",
+    "EDQUOT": "the disk quota is exceeded; free space and rerun",
+    "EACCES": "check that you may write to that folder (permissions), or choose another output folder",
+    "EPERM": "check that you may write to that folder (permissions), or choose another output folder",
+    "EROFS": "the filesystem is read-only; choose another output folder",
+}
+
+
+def io_failure(action: str, path: object, exc: BaseException) -> RasterIOError:
+    """A one-line :class:`RasterIOError` for an OS or GDAL error while ``action`` (e.g.
+    "writing") ``path``, with a hint for disk-full and permission errors.
+
+    The reason comes from ``exc.strerror`` (an ``OSError``) or the message (GDAL errors,
+    which carry no errno); rasterio's "See previous exception" is replaced by its cause.
+    """
+    import errno as _errno
+
+    cause = exc.__cause__ if exc.__cause__ is not None and "previous exception" in str(exc) else exc
+    code = exc.errno if isinstance(exc, OSError) else None  # GDAL's CPLE errors have an unrelated errno
+    name = _errno.errorcode.get(code, "") if isinstance(code, int) else ""
+    text = str(cause).strip()
+    reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
+    hint = _HINTS.get(name)
+    if hint is None:
+        text = text.lower()
+        hint = next((h for key, h in (("no space", _HINTS["ENOSPC"]), ("too large", _HINTS["EFBIG"]),
+                                      ("permission denied", _HINTS["EACCES"]), ("read-only", _HINTS["EROFS"]))
+                     if key in text), "check the path, free space and permissions, and rerun")  # fmt: skip
+    return RasterIOError(f"{action} {path} failed: {reason}; {hint}")

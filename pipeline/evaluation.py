@@ -338,7 +338,8 @@ def evaluate(
     tmp_errors = files.tmp_sibling(out_dir / "error_map.zarr")
     try:
         counts, _, *looks = compute(counts, zstore.write_array(errors, tmp_errors), *looks,
-                                    label="evaluate: confusion matrix and error map", progress=progress)  # fmt: skip
+                                    label="evaluate: confusion matrix and error map", progress=progress,
+                                    writes=tmp_errors)  # fmt: skip
         counts = np.asarray(counts)
         excluded = dict(zip(EXCLUSION_REASONS, (int(v) for v in counts[k * k :])))
         if excluded["out_of_range"]:

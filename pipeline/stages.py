@@ -56,7 +56,7 @@ def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool =
         InputError: inconsistent inputs (band names, CRS).
     """
     bands = rio_io.describe_sources(sources, cfg.band_names)
-    grid = rio_io.target_grid(bands, cfg.grid.reference, cfg.grid.resolution)
+    grid = rio_io.target_grid(bands, cfg.grid.reference, cfg.grid.resolution, cfg.allow_no_crs)
     nodata = cfg.nodata
     if nodata is None:
         file_nodata = {b.nodata for b in bands}
@@ -80,7 +80,8 @@ def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool =
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        compute(zstore.write_image(ds, tmp, cfg.chunk_size), label=f"ingest -> {store}", progress=progress)
+        compute(zstore.write_image(ds, tmp, cfg.chunk_size), label=f"ingest -> {store}", progress=progress,
+                writes=store)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -197,6 +198,7 @@ def segment(
             zstore.write_labels(Path(store), labels, grid, attrs, probabilities),
             label=f"segment ({cfg.method})",
             progress=progress,
+            writes=f"labels in {store}",
         )
     except BaseException:
         zstore.discard_partial_labels(Path(store))

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError, RasterIOError
+from pipeline.errors import InputError, RasterIOError, io_failure
 
 #: Files that make up one Shapefile dataset, hashed together.
 _SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
@@ -89,7 +89,7 @@ def publish_texts(items: list[tuple[Path, str]]) -> None:
         for tmp, path in staged:
             os.replace(tmp, path)
     except OSError as exc:
-        raise RasterIOError(f"cannot write {path}: {exc}") from None
+        raise io_failure("writing", path, exc) from None
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)

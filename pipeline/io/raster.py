@@ -18,11 +18,12 @@ import rasterio
 import rasterio.shutil
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
+from rasterio._err import CPLE_BaseError
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from pipeline.errors import InputError, RasterIOError
+from pipeline.errors import InputError, RasterIOError, io_failure
 from pipeline.grid import Grid
 
 
@@ -45,6 +46,23 @@ class BandSource:
     dtype: str
     nodata: float | None
     grid: Grid
+
+
+# GDAL decodes some formats (JPEG2000, multi-threaded GeoTIFF) on its own worker
+# threads. A decoder error raised there bypasses rasterio's per-thread error handler:
+# GDAL prints "ERROR 1" and the read returns garbage with no exception. Reading on the
+# calling thread turns those errors into exceptions; Dask runs chunks in parallel instead.
+_READ_ENV = {"GDAL_NUM_THREADS": "1"}
+
+
+def _read_failed(path: str | Path, window: Window, exc: RasterioError) -> RasterIOError:
+    """A one-line error for a failed read, with GDAL's own reason (rasterio chains it as the cause)."""
+    reason = exc.__cause__ if exc.__cause__ is not None else exc  # rasterio: "See previous exception"
+    where = f"rows {window.row_off}-{window.row_off + window.height}, cols {window.col_off}-{window.col_off + window.width}"
+    return RasterIOError(
+        f"reading {path} ({where}) failed: {str(reason).strip()}; the file may be truncated or corrupt, "
+        "check it with `gdalinfo -checksum` and re-download or re-export it"
+    )
 
 
 def _open(path: str | Path) -> rasterio.DatasetReader:
@@ -108,15 +126,20 @@ def describe_sources(paths: Iterable[str | Path], band_names: list[str] | None =
     return sources
 
 
-def target_grid(sources: list[BandSource], reference: str | None, resolution: float | None) -> Grid:
+def target_grid(
+    sources: list[BandSource], reference: str | None, resolution: float | None, allow_no_crs: bool = False
+) -> Grid:
     """The grid all bands are resampled onto.
 
     The reference band's grid (default: the band with the smallest pixel size,
     first on ties); with ``resolution`` (map units), the same extent at that pixel size
-    (shape rounded to whole pixels).
+    (shape rounded to whole pixels). With ``allow_no_crs``, inputs without a CRS are
+    taken in their own transform's units (pixel coordinates when the transform is the
+    identity); otherwise they are refused.
 
     Raises:
-        InputError: unknown reference band, or a rotated reference grid.
+        InputError: unknown reference band, inputs without a CRS (unless allowed), or a
+            rotated reference grid.
     """
     if reference is not None:
         by_name = {s.name: s for s in sources}
@@ -126,9 +149,10 @@ def target_grid(sources: list[BandSource], reference: str | None, resolution: fl
     else:
         ref = min(sources, key=lambda s: abs(s.grid.transform.a * s.grid.transform.e))
     grid = ref.grid
-    if grid.transform.is_identity and grid.crs_wkt is None:
-        raise InputError(f"{ref.path} has no georeferencing (no CRS, identity transform); assign a CRS and "
-                         "transform (gdal_edit.py -a_srs -a_ullr) first")  # fmt: skip
+    if grid.crs_wkt is None and not allow_no_crs:
+        what = "no georeferencing (no CRS, identity transform)" if grid.transform.is_identity else "no CRS"
+        raise InputError(f"{ref.path} has {what}; assign one (gdal_edit.py -a_srs EPSG:... -a_ullr ...) "
+                         "or set ingest.allow_no_crs: true to work in pixel coordinates")  # fmt: skip
     if not grid.is_north_up():
         raise InputError(f"{ref.path} has a rotated or south-up transform; warp it north-up first")
     if resolution is not None:
@@ -168,8 +192,11 @@ def read_onto_grid(
     Raises:
         RasterIOError: the file cannot be read.
     """
+    # The error is raised outside the `except` block so that it carries no chained
+    # GDAL exception: Dask (tblib) pickles the whole chain, and GDAL's CPLE errors do not
+    # unpickle, which would turn the error into a bare `Exception` on the client.
     try:
-        with rasterio.open(path) as src:
+        with rasterio.Env(**_READ_ENV), rasterio.open(path) as src:
             own = src_grid or Grid(src.crs.to_wkt() if src.crs else None, src.transform, src.height, src.width)
             if same_grid(own, grid):
                 return src.read(indexes, window=window)
@@ -186,7 +213,8 @@ def read_onto_grid(
             ) as vrt:
                 return vrt.read(indexes, window=window)
     except RasterioError as exc:
-        raise RasterIOError(f"reading {path} window {window!r} failed: {exc}") from None
+        failure = _read_failed(path, window, exc)
+    raise failure
 
 
 @dataclass(frozen=True)
@@ -223,10 +251,11 @@ def read_window(path: str | Path, window: Window, band: int = 1) -> np.ndarray:
         RasterIOError: the file cannot be read.
     """
     try:
-        with rasterio.open(path) as src:
+        with rasterio.Env(**_READ_ENV), rasterio.open(path) as src:
             return src.read(band, window=window)
     except RasterioError as exc:
-        raise RasterIOError(f"reading {path} window {window!r} failed: {exc}") from None
+        failure = _read_failed(path, window, exc)
+    raise failure  # outside `except`: no chained GDAL error (see read_onto_grid)
 
 
 def _tmp_sibling(path: Path, tag: str) -> Path:
@@ -305,9 +334,13 @@ def write_cog(
             BIGTIFF="IF_SAFER",
         )
         os.replace(final_tmp, out)
-    except RasterioError as exc:
-        raise RasterIOError(f"writing COG {out} failed: {exc}") from None
+    except RasterIOError:
+        raise
+    except (RasterioError, CPLE_BaseError, OSError) as exc:  # GDAL write errors, disk full, permissions
+        failure = io_failure("writing COG", out, exc)
+    else:
+        return out
     finally:
         for p in (tiled, final_tmp):
             p.unlink(missing_ok=True)
-    return out
+    raise failure  # outside `except`: no chained GDAL error (see read_onto_grid)
