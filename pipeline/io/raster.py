@@ -314,7 +314,7 @@ def write_cog(
         "BIGTIFF": "IF_SAFER",
     }
     try:
-        with rasterio.open(tiled, "w", **profile) as dst:
+        with rasterio.Env(), rasterio.open(tiled, "w", **profile) as dst:
             if colormap:  # before any pixel: GDAL fixes the photometric tag at the first write
                 dst.write_colormap(1, colormap)
             for window, arr in blocks:
@@ -324,15 +324,16 @@ def write_cog(
             if class_names:
                 dst.update_tags(CLASS_NAMES=json.dumps(class_names))
                 dst.set_band_description(1, description)
-        rasterio.shutil.copy(
-            tiled,
-            final_tmp,
-            driver="COG",
-            BLOCKSIZE=blocksize,
-            COMPRESS=compress.upper(),
-            OVERVIEW_RESAMPLING=overview_resampling.upper(),
-            BIGTIFF="IF_SAFER",
-        )
+        with rasterio.Env():
+            rasterio.shutil.copy(
+                tiled,
+                final_tmp,
+                driver="COG",
+                BLOCKSIZE=blocksize,
+                COMPRESS=compress.upper(),
+                OVERVIEW_RESAMPLING=overview_resampling.upper(),
+                BIGTIFF="IF_SAFER",
+            )
         os.replace(final_tmp, out)
     except RasterIOError:
         raise

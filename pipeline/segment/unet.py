@@ -123,6 +123,11 @@ def load_spec(path: str | Path) -> ModelSpec:
         RasterIOError: missing sidecar or weights; InputError: invalid sidecar.
     """
     path = Path(path)
+    if path.suffix.lower() not in (".safetensors", ".json", ""):
+        raise InputError(
+            f"{path}: tileseg loads only safetensors checkpoints (NAME.safetensors + NAME.json); pickled "
+            "checkpoints (.pt, .pth, .ckpt) are refused because loading them can run code"
+        )
     weights, sidecar = path.with_suffix(".safetensors"), path.with_suffix(".json")
     for p in (weights, sidecar):
         if not p.is_file():
