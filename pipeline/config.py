@@ -499,7 +499,8 @@ class MicroscopyConfig(_Model):
     axes: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z]+$",
-        description="Override of the stored axes, one tifffile letter per dimension (e.g. CYX, YXS). Default: the file's.",
+        description="Override of the stored axes, one tifffile letter per dimension (e.g. CYX, YXS). "
+        "Default: the file's.",
     )
 
     def pixel_size_yx(self) -> tuple[float, float] | None:

@@ -355,6 +355,30 @@ def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] |
     return Path(out)
 
 
+def export_ome_zarr(store: Path, out: Path, label_name: str = "labels", progress: bool = True) -> Path:
+    """Store ``image`` (and ``labels`` when present) -> OME-Zarr (NGFF 0.5) pyramids, for viewers
+    such as napari or the OME-Zarr tools (see :func:`pipeline.io.ome.write_ome_zarr`).
+
+    Channel names are the store's band names; scales are in micrometres when the store has
+    ``pixel_size_um`` (a microscopy ingest), else in pixels. Chunks follow the store's.
+
+    Raises:
+        RasterIOError, InputError: the store cannot be read, or the output cannot be written.
+    """
+    from pipeline.io.ome import write_ome_zarr
+
+    ds = zstore.open_store(store)
+    if zstore.IMAGE not in ds:
+        raise InputError(f"{store} has no image; an OME-Zarr export needs one")
+    image = ds[zstore.IMAGE]
+    pixel = ds.attrs.get("pixel_size_um") or image.attrs.get("pixel_size_um")
+    labels = ds[zstore.LABELS].data if zstore.LABELS in ds else None
+    return write_ome_zarr(
+        out, image.data, list(image.attrs["band_names"]), tuple(pixel) if pixel else None, labels=labels,
+        label_name=label_name, chunk=image.data.chunksize[1], progress=progress,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- evaluate
 # The evaluate stage lives in pipeline/evaluation.py (this module would pass ~600 lines);
 # it is re-exported here so that every stage is `pipeline.stages.<name>`.
@@ -486,4 +510,4 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     return save_model(result.net.cpu(), spec, out)
 
 
-__all__ = ["ingest", "ingest_microscopy", "segment", "stitch", "evaluate", "train", "EvaluationResult"]
+__all__ = ["ingest", "ingest_microscopy", "segment", "stitch", "export_ome_zarr", "evaluate", "train", "EvaluationResult"]

@@ -79,3 +79,22 @@ def test_segment_and_stitch_work_on_a_crs_less_store(cells, tmp_path):
     with rasterio.open(cog) as src:
         assert src.crs is None and src.transform == Affine.identity() and src.shape == (150, 130)
         np.testing.assert_array_equal(src.read(1), (img[0] > 500).astype(np.uint8))
+
+
+def test_export_ome_zarr_from_a_microscopy_store(cells, tmp_path):
+    """ingest -> segment -> OME-Zarr: the reader finds the image in um and the labels as labels."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    path, img = cells
+    store = stages.ingest_microscopy(path, tmp_path / "s.zarr", IngestConfig(chunk_size=64), progress=False)
+    stages.segment(store, SegmentConfig(method="threshold", threshold=ThresholdConfig(expression="GFP", value=300)),
+                   progress=False)  # fmt: skip
+    out = stages.export_ome_zarr(store, tmp_path / "cells.ome.zarr", label_name="foreground", progress=False)
+    nodes = list(Reader(parse_url(str(out)))())
+    assert nodes[0].metadata["channel_names"] == ["DAPI", "GFP"]
+    assert nodes[0].metadata["coordinateTransformations"][0][0]["scale"] == pytest.approx([1, 0.325, 0.325])
+    np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), img)
+    (lab,) = [n for n in nodes if n.load(Label) is not None]
+    assert lab.metadata["name"] == "foreground"
+    np.testing.assert_array_equal(np.asarray(lab.data[0]), (img[1] > 300).astype(np.uint8))

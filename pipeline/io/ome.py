@@ -80,11 +80,9 @@ def _transforms(levels: int, pixel: tuple[float, float], ndim: int) -> list[list
     out = []
     for k in range(levels):
         f = 2.0**k
-        lead = [1.0] * (ndim - 2)
-        out.append([
-            {"type": "scale", "scale": lead + [pixel[0] * f, pixel[1] * f]},
-            {"type": "translation", "translation": [0.0] * (ndim - 2) + [pixel[0] * (f - 1) / 2, pixel[1] * (f - 1) / 2]},
-        ])  # fmt: skip
+        scale = [1.0] * (ndim - 2) + [pixel[0] * f, pixel[1] * f]
+        shift = [0.0] * (ndim - 2) + [pixel[0] * (f - 1) / 2, pixel[1] * (f - 1) / 2]
+        out.append([{"type": "scale", "scale": scale}, {"type": "translation", "translation": shift}])
     return out
 
 
@@ -174,8 +172,8 @@ def write_ome_zarr(
         datasets = [{"path": str(k), "coordinateTransformations": t}
                     for k, t in enumerate(_transforms(nlev, pixel, 3))]  # fmt: skip
         omero = {"channels": [{"label": str(n), "active": True} for n in channel_names]}
-        write_multiscales_metadata(root, datasets, fmt=fmt, axes=_axes("cyx", unit), name="image",
-                                   metadata={"omero": omero, "method": "2x2 block mean (odd edges repeated)"})  # fmt: skip
+        extra = {"omero": omero, "method": "2x2 block mean (odd edges repeated)"}
+        write_multiscales_metadata(root, datasets, fmt=fmt, axes=_axes("cyx", unit), name="image", metadata=extra)
         if labels is not None:
             lab_root = root.create_group("labels")
             lab = lab_root.create_group(label_name)
