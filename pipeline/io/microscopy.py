@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,6 +81,7 @@ class MicroscopyInfo:
         bigtiff: the TIFF is a BigTIFF (False for zarr).
         component: for zarr, the path of the level-0 array inside ``path`` ('' for the root).
         series: for TIFF, the tifffile series index read (0).
+        channel_axis: position in ``axes`` of the axis read as bands (C or S), or None (one band).
     """
 
     path: Path
@@ -94,7 +95,7 @@ class MicroscopyInfo:
     bigtiff: bool = False
     component: str = ""
     series: int = 0
-    _channel_axis: int | None = field(default=None, repr=False)
+    channel_axis: int | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -229,7 +230,7 @@ def _describe_tiff(path: Path, axes: str | None) -> MicroscopyInfo:
     return MicroscopyInfo(
         path=path, kind=kind, axes=axes, source_shape=shape,
         shape=(nb, shape[axes.index("Y")], shape[axes.index("X")]), dtype=dtype,
-        channel_names=_unique_names(names, nb), pixel_size_um=pixel, bigtiff=bigtiff, series=0, _channel_axis=ch,
+        channel_names=_unique_names(names, nb), pixel_size_um=pixel, bigtiff=bigtiff, series=0, channel_axis=ch,
     )  # fmt: skip
 
 
@@ -328,7 +329,7 @@ def _describe_zarr(path: Path, axes: str | None) -> MicroscopyInfo:
     return MicroscopyInfo(
         path=path, kind=kind, axes=axes, source_shape=shape,
         shape=(nb, shape[axes.index("Y")], shape[axes.index("X")]), dtype=np.dtype(arr.dtype).name,
-        channel_names=_unique_names(names, nb), pixel_size_um=pixel, component=component, _channel_axis=ch,
+        channel_names=_unique_names(names, nb), pixel_size_um=pixel, component=component, channel_axis=ch,
     )  # fmt: skip
 
 
@@ -428,7 +429,7 @@ def read_microscopy(
     """
     info = source if isinstance(source, MicroscopyInfo) else describe_microscopy(source, axes)
     idx = select_channels(info, channels)
-    ch = info._channel_axis
+    ch = info.channel_axis
     planar = ch is not None and info.axes[ch] != "S"  # interleaved samples share one TIFF tile
     chunks = tuple(
         chunk if ax in "YX" else (1 if planar else n) if i == ch else 1
