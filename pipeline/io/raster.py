@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import rasterio.shutil
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
@@ -314,7 +316,11 @@ def write_cog(
         "BIGTIFF": "IF_SAFER",
     }
     try:
-        with rasterio.Env(), rasterio.open(tiled, "w", **profile) as dst:
+        with warnings.catch_warnings():
+            if grid.crs_wkt is None:  # pixel coordinates (microscopy): no georeferencing is intended
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            dst = rasterio.open(tiled, "w", **profile)
+        with rasterio.Env(), dst:
             if colormap:  # before any pixel: GDAL fixes the photometric tag at the first write
                 dst.write_colormap(1, colormap)
             for window, arr in blocks:

