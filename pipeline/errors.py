@@ -26,5 +26,10 @@ class RasterIOError(TilesegError, OSError):
     """A file could not be read or written (missing, corrupt, not a raster)."""
 
 
+class MissingFileError(RasterIOError, FileNotFoundError):
+    """A file that must exist does not (an input, a model, ground truth). Not transient:
+    Prefect's I/O retries (``flows.retry``) skip it."""
+
+
 class DataFetchError(TilesegError, OSError):
     """The sample data could not be fetched or failed its checksum."""

@@ -22,7 +22,7 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from pipeline.errors import InputError, RasterIOError
+from pipeline.errors import InputError, MissingFileError, RasterIOError
 from pipeline.grid import Grid
 
 
@@ -50,7 +50,7 @@ class BandSource:
 def _open(path: str | Path) -> rasterio.DatasetReader:
     p = Path(path)
     if not p.exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
-        raise RasterIOError(f"input raster not found: {path}")
+        raise MissingFileError(f"input raster not found: {path}")
     try:
         return rasterio.open(path)
     except RasterioError as exc:
