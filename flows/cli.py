@@ -97,7 +97,12 @@ def deploy(
         import yaml
 
         text = yaml.safe_dump(dep.prefect_yaml(cfg, s), sort_keys=False, width=120)
-        guarded(lambda: prefect_yaml.write_text(f"# Written by `tileseg deploy {config} --prefect-yaml {prefect_yaml}`.\n" + text))
+        header = (
+            f"# Written by `tileseg deploy {config} --prefect-yaml {prefect_yaml}`; edit the config, not this file.\n"
+            "# From the repository root: `prefect work-pool create tileseg --type process`, `prefect deploy --all`,\n"
+            "# then `prefect worker start --pool tileseg` in the tileseg environment.\n"
+        )
+        guarded(lambda: prefect_yaml.write_text(header + text))
         typer.echo(f"wrote {prefect_yaml}: `prefect deploy --all` registers its deployments")
         return
     url = guarded(dep.check_server)

@@ -186,6 +186,7 @@ def prefect_yaml(cfg: RunConfig, s: DeploySettings, work_pool: str = "tileseg") 
     The pull step runs the flows in the directory ``prefect deploy`` is run from
     (``{{ $PWD }}``, resolved at deploy time), so relative config paths keep working.
     """
+    params = default_parameters(cfg)  # one object: YAML writes it once and refers to it (&id001 / *id001)
     deployments = []
     for served in SERVED:
         if not served.applies(cfg):
@@ -195,7 +196,7 @@ def prefect_yaml(cfg: RunConfig, s: DeploySettings, work_pool: str = "tileseg") 
             "name": s.name,
             "entrypoint": f"{Path(*module.split('.'))}.py:{func}",
             "tags": list(s.tags),
-            "parameters": default_parameters(cfg),
+            "parameters": params,
             "enforce_parameter_schema": True,
             "work_pool": {"name": work_pool},
         }
