@@ -76,7 +76,7 @@ def deploy(
     set_: SetOpt = None,
     cron: Annotated[str | None, typer.Option(help="Cron schedule of landcover_run (default: deploy.cron).")] = None,
     name: Annotated[str | None, typer.Option(help="Deployment name (default: deploy.name, else the run name).")] = None,
-    timezone: Annotated[str | None, typer.Option(help="IANA time zone of the cron schedule (default: deploy.timezone).")] = None,
+    timezone: Annotated[str | None, typer.Option(help="Time zone of the schedule (default: deploy.timezone).")] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many flow runs at a time.")] = None,
     prefect_yaml: Annotated[
         Path | None, typer.Option(help="Write these deployments as a prefect.yaml for `prefect deploy` and exit.")

@@ -166,7 +166,7 @@ def check_server() -> str:
     with get_client(sync_client=True) as client:
         problem = client.api_healthcheck()
     if problem is not None:
-        raise ServerError(f"the Prefect server at {url} does not answer ({problem}); is `prefect server start` running?")
+        raise ServerError(f"the Prefect server at {url} does not answer ({problem}); is `prefect server start` up?")
     return url
 
 

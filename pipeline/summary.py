@@ -103,7 +103,8 @@ class RunSummary:
 
 
 def _table(header: list[str], rows: list[list[Any]], right: set[int] = frozenset()) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    rule = "|".join("---:" if i in right else "---" for i in range(len(header)))
+    out = ["| " + " | ".join(header) + " |", f"|{rule}|"]
     return out + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
 
 
@@ -119,8 +120,8 @@ def summary_markdown(s: RunSummary) -> str:
     lines += ["", "## Outputs", ""] + _table(["output", "path"], [[k, f"`{v}`"] for k, v in s.outputs.items()])
     c = s.counts
     if c is not None:
-        lines += ["", "## Pixels", "", f"Raster {c.shape[0]:,} x {c.shape[1]:,} px (y, x)"
-                  + (f", {len(c.band_names)} bands ({', '.join(c.band_names)})." if c.band_names else "."), ""]  # fmt: skip
+        bands = f", {len(c.band_names)} bands ({', '.join(c.band_names)})." if c.band_names else "."
+        lines += ["", "## Pixels", "", f"Raster {c.shape[0]:,} x {c.shape[1]:,} px (y, x){bands}", ""]
         lines += _table(["pixels", "count", "share"], [
             ["all", f"{c.total:,}", _pct(c.total, c.total)],
             ["labelled (valid)", f"{c.labelled:,}", _pct(c.labelled, c.total)],

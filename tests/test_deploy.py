@@ -79,7 +79,8 @@ def test_deployments_carry_the_config_and_the_schedule(tiny):
     assert "deploy" not in lc.parameters["config"]  # scheduling is not a run parameter
     assert validate_config(lc.parameters["config"]) == cfg.model_copy(update={"deploy": None})
 
-    train = {"train_area": {"xmin": 0, "ymin": 0, "xmax": 1, "ymax": 1}, "val_area": {"xmin": 0, "ymin": 0, "xmax": 1, "ymax": 1}}
+    box = {"xmin": 0, "ymin": 0, "xmax": 1, "ymax": 1}
+    train = {"train_area": box, "val_area": box}
     cfg = load_config(tiny["config"], [f"train={train}"])
     lc, tr = build_deployments(cfg, settings(cfg))
     assert tr.flow_name == "train_run" and tr.entrypoint == "flows.train.train_run"
@@ -254,7 +255,8 @@ def test_a_parameter_out_of_bounds_is_refused_naming_the_field(api, served):
 
     cfg = _params(served)["config"]
     cfg["segment"]["unet"]["overlap"] = 2
-    with pytest.raises(PrefectHTTPStatusError, match=r"'config\.segment\.unet\.overlap'.*2 is greater than the maximum of 0\.875"):
+    refused = r"'config\.segment\.unet\.overlap'.*2 is greater than the maximum of 0\.875"
+    with pytest.raises(PrefectHTTPStatusError, match=refused):
         run_deployment(DEPLOYMENT, parameters={"config": cfg}, timeout=0)
     cfg = _params(served)["config"]
     cfg["segment"]["thresold"] = {"value": 1}  # a typo: unknown key
