@@ -9,19 +9,29 @@ the Prefect UI renders it as a form and validates every field.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.retry import io_retry_options
 from pipeline import stages
 from pipeline.cluster import dask_client
 from pipeline.config import RunConfig
 from pipeline.report import aggregate_table, console_table, exclusion_table, iou_table, markdown
+from pipeline.summary import RunSummary, label_counts, summary_markdown
+
+T = TypeVar("T")
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
+# I/O stages (ingest reads the inputs; stitch and evaluate write files) are retried with
+# backoff on transient OSErrors only (flows.retry); segment, a pure compute stage, is not.
+@task(name="ingest", cache_policy=NO_CACHE, **io_retry_options())
 def ingest_task(config: RunConfig) -> Path:
     return stages.ingest(config.inputs, config.store_path, config.ingest, config.dask.progress)
 
@@ -31,12 +41,12 @@ def segment_task(store: Path, config: RunConfig) -> Path:
     return stages.segment(store, config.segment, config.classes, config.evaluate.ground_truth, config.dask.progress)
 
 
-@task(name="stitch", cache_policy=NO_CACHE)
+@task(name="stitch", cache_policy=NO_CACHE, **io_retry_options())
 def stitch_task(store: Path, config: RunConfig) -> Path:
     return stages.stitch(store, config.cog_path, config.stitch, config.classes, config.dask.progress)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", cache_policy=NO_CACHE, **io_retry_options())
 def evaluate_task(cog: Path, config: RunConfig) -> stages.EvaluationResult:
     ev = config.evaluate
     assert ev.ground_truth is not None
@@ -69,21 +79,48 @@ def publish_artifacts(result: stages.EvaluationResult, run_name: str) -> None:
     create_markdown_artifact(key="iou-report", markdown=markdown(doc), description=f"Evaluation report of {run_name}")
 
 
+@task(name="summary", cache_policy=NO_CACHE)
+def summary_task(summary: RunSummary, store: Path, progress: bool) -> str:
+    """Count the labels in the store, publish the ``run-summary`` Markdown artifact; returns its Markdown."""
+    text = summary_markdown(replace(summary, counts=label_counts(store, progress)))
+    create_markdown_artifact(key="run-summary", markdown=text, description=f"Run summary of {summary.name}")
+    return text
+
+
+def _timed(durations: dict[str, float], stage: str, fn: Callable[[], T]) -> T:
+    t0 = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        durations[stage] = time.perf_counter() - t0
+
+
 @flow(name="landcover_run", log_prints=True)
 def landcover_run(config: RunConfig) -> dict[str, str]:
-    """Run the whole land-cover pipeline for one config; returns the output paths."""
+    """Run the whole land-cover pipeline for one config; returns the output paths.
+
+    Publishes the evaluation tables (when ``evaluate.ground_truth`` is set) and a
+    ``run-summary`` Markdown artifact: inputs, outputs, pixel counts per class, stage
+    durations and the IoU table.
+    """
     logger = get_run_logger()
     outputs: dict[str, str] = {}
+    took: dict[str, float] = {}
+    report = None
     with dask_client(config.dask):  # logs the Dask dashboard link
-        store = ingest_task(config)
-        store = segment_task(store, config)
-        cog = stitch_task(store, config)
+        store = _timed(took, "ingest", lambda: ingest_task(config))
+        store = _timed(took, "segment", lambda: segment_task(store, config))
+        cog = _timed(took, "stitch", lambda: stitch_task(store, config))
         outputs.update(store=str(store), cog=str(cog))
         if config.evaluate.ground_truth is not None:
-            result = evaluate_task(cog, config)
+            result = _timed(took, "evaluate", lambda: evaluate_task(cog, config))
             outputs.update(result.paths())
             publish_artifacts(result, config.name)
+            report = result.report
             print("\n" + console_table(result.report))
+        summary = RunSummary(config.name, config.config_hash(), [str(p) for p in config.inputs], dict(outputs),
+                             config.class_names(), durations_s=took, report=report)  # fmt: skip
+        summary_task(summary, store, config.dask.progress)
     for k, v in outputs.items():
         logger.info("%s: %s", k, v)
     return outputs

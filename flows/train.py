@@ -8,6 +8,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.retry import io_retry_options
 from pipeline import stages
 from pipeline.cluster import dask_client
 from pipeline.config import RunConfig
@@ -15,7 +16,7 @@ from pipeline.errors import ConfigError
 from pipeline.segment.unet import load_spec
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
+@task(name="ingest", cache_policy=NO_CACHE, **io_retry_options())  # reads inputs: retried on transient I/O errors
 def ingest_if_missing(config: RunConfig) -> Path:
     if (config.store_path / "zarr.json").is_file():
         return config.store_path

@@ -51,6 +51,11 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
         logging.getLogger("rasterio").addHandler(logging.NullHandler())
 
 
+def debug_enabled() -> bool:
+    """Whether ``tileseg --debug`` was given (tracebacks wanted)."""
+    return bool(_state["debug"])
+
+
 def guarded(fn: Callable[[], T]) -> T:
     """Run ``fn``; turn errors into one line on stderr and exit status 1 (unless --debug)."""
     try:

@@ -373,6 +373,11 @@ class RunConfig(_Model):
     evaluate: EvaluateConfig = EvaluateConfig()
     train: TrainConfig | None = None
     dask: DaskConfig = DaskConfig()
+    # Last, and left out of model_dump (so of config_hash and of a deployment's parameters):
+    # scheduling does not change a run's results. Defined at the end of this module.
+    deploy: DeployConfig | None = Field(
+        default=None, exclude=True, description="Schedule of `tileseg deploy` (ignored by a run itself)."
+    )
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -512,3 +517,34 @@ class MicroscopyConfig(_Model):
         """The override as (y, x) micrometres, or None."""
         p = self.pixel_size_um
         return None if p is None else (float(p), float(p)) if isinstance(p, int | float) else (float(p[0]), float(p[1]))
+
+
+class DeployConfig(_Model):
+    """How ``tileseg deploy`` serves this config as Prefect deployments (all optional).
+
+    The cron expression is validated by Prefect when the deployment is built (five
+    fields: minute hour day-of-month month day-of-week, as in crontab(5)).
+    """
+
+    name: str | None = Field(
+        default=None, description="Deployment name; the deployment is FLOW/NAME. Default: the run's `name`."
+    )
+    cron: str | None = Field(
+        default=None, description="Cron schedule of landcover_run, e.g. '0 3 * * *'. None: no schedule (ad-hoc only)."
+    )
+    timezone: str = Field(default="UTC", description="IANA time zone of the cron schedule, e.g. 'Europe/Berlin'.")
+    tags: list[str] = Field(default_factory=list, description="Tags of the deployments (filters in the Prefect UI).")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'") from None
+        return v
+
+
+RunConfig.model_rebuild()

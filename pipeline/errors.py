@@ -26,6 +26,11 @@ class RasterIOError(TilesegError, OSError):
     """A file could not be read or written (missing, corrupt, not a raster)."""
 
 
+class MissingFileError(RasterIOError, FileNotFoundError):
+    """A file that must exist does not (an input, a model, ground truth). Not transient:
+    Prefect's I/O retries (``flows.retry``) skip it."""
+
+
 class DataFetchError(TilesegError, OSError):
     """The sample data could not be fetched or failed its checksum."""
 
@@ -60,4 +65,6 @@ def io_failure(action: str, path: object, exc: BaseException) -> RasterIOError:
         hint = next((h for key, h in (("no space", _HINTS["ENOSPC"]), ("too large", _HINTS["EFBIG"]),
                                       ("permission denied", _HINTS["EACCES"]), ("read-only", _HINTS["EROFS"]))
                      if key in text), "check the path, free space and permissions, and rerun")  # fmt: skip
-    return RasterIOError(f"{action} {path} failed: {reason}; {hint}")
+    failure = RasterIOError(f"{action} {path} failed: {reason}; {hint}")
+    failure.errno = code  # kept, so that callers (retries) can tell a full disk from a flaky read
+    return failure

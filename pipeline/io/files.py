@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError, RasterIOError, io_failure
+from pipeline.errors import InputError, MissingFileError, RasterIOError, io_failure
 
 #: Files that make up one Shapefile dataset, hashed together.
 _SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
@@ -57,7 +57,7 @@ def read_json(path: str | Path) -> Any:
     """
     p = Path(path)
     if not p.is_file():
-        raise RasterIOError(f"file not found: {p}")
+        raise MissingFileError(f"file not found: {p}")
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as exc:

@@ -25,7 +25,7 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from pipeline.errors import InputError, RasterIOError, io_failure
+from pipeline.errors import InputError, MissingFileError, RasterIOError, io_failure
 from pipeline.grid import Grid
 
 
@@ -70,7 +70,7 @@ def _read_failed(path: str | Path, window: Window, exc: RasterioError) -> Raster
 def _open(path: str | Path) -> rasterio.DatasetReader:
     p = Path(path)
     if not p.exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
-        raise RasterIOError(f"input raster not found: {path}")
+        raise MissingFileError(f"input raster not found: {path}")
     try:
         return rasterio.open(path)
     except RasterioError as exc:

@@ -24,7 +24,7 @@ from rasterio.features import rasterize
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from pipeline.errors import InputError, RasterIOError
+from pipeline.errors import InputError, MissingFileError, RasterIOError
 from pipeline.grid import Grid
 
 # rasterio.features.rasterize builds an in-memory dataset and, under threads, sometimes
@@ -46,7 +46,7 @@ def _read(path: str | Path, bbox: tuple[float, float, float, float] | None = Non
 
     p = Path(path)
     if not p.exists():
-        raise RasterIOError(f"vector file not found: {p}")
+        raise MissingFileError(f"vector file not found: {p}")
     try:
         return gpd.read_file(p, bbox=bbox, engine="pyogrio")
     except Exception as exc:  # pyogrio raises DataSourceError and friends
@@ -73,7 +73,7 @@ def layer_bounds(path: str | Path) -> tuple[tuple[float, float, float, float], s
     import pyogrio
 
     if not Path(path).exists():
-        raise RasterIOError(f"vector file not found: {path}")
+        raise MissingFileError(f"vector file not found: {path}")
     try:
         info = pyogrio.read_info(path, force_total_bounds=True)
     except Exception as exc:

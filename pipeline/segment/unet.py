@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import InputError, RasterIOError
+from pipeline.errors import InputError, MissingFileError
 
 #: resnet layers that an encoder of depth d < 5 never runs (smp keeps them; we drop them)
 _RESNET_STAGES = {4: ("layer4",), 3: ("layer3", "layer4"), 2: ("layer2", "layer3", "layer4"),
@@ -120,7 +120,7 @@ def load_spec(path: str | Path) -> ModelSpec:
     """Read the JSON sidecar of a model.
 
     Raises:
-        RasterIOError: missing sidecar or weights; InputError: invalid sidecar.
+        MissingFileError (a RasterIOError): missing sidecar or weights; InputError: invalid sidecar.
     """
     path = Path(path)
     if path.suffix.lower() not in (".safetensors", ".json", ""):
@@ -131,7 +131,7 @@ def load_spec(path: str | Path) -> ModelSpec:
     weights, sidecar = path.with_suffix(".safetensors"), path.with_suffix(".json")
     for p in (weights, sidecar):
         if not p.is_file():
-            raise RasterIOError(f"model file not found: {p} (a model is NAME.safetensors + NAME.json)")
+            raise MissingFileError(f"model file not found: {p} (a model is NAME.safetensors + NAME.json)")
     try:
         return ModelSpec.model_validate_json(sidecar.read_text())
     except ValidationError as exc:
@@ -144,7 +144,7 @@ def load_model(path: str | Path, device: str = "cpu"):
     """Load ``(module, spec)``: weights with safetensors (no pickle), module in eval mode on ``device``.
 
     Raises:
-        RasterIOError: missing files; InputError: weights that do not fit the sidecar, or a
+        MissingFileError (a RasterIOError): missing files; InputError: weights that do not fit the sidecar, or a
             file that is not safetensors (a pickle is refused, never executed).
     """
     from safetensors import SafetensorError
