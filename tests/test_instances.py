@@ -21,7 +21,8 @@ from pipeline.instances import (
     segment_chunks,
     with_global_otsu,
 )
-from pipeline.segment.instances import ClassicalInstances
+from pipeline.object_metrics import instance_counts, instance_metrics
+from pipeline.segment.instances import ClassicalInstances, fill_small_holes
 from tests.synth import crowded_nuclei
 
 
@@ -145,7 +146,8 @@ def test_tiled_classical_equals_single_piece_on_crowded_nuclei():
         assert r.n_objects == r.n_reference, r
         assert r.matched == r.n_reference and r.mean_matched_iou >= 0.999, r
     # the method does find the nuclei (not only agree with itself)
-    assert abs(results[0].n_reference - gt.max()) <= 0.1 * gt.max()
+    found = instance_metrics(instance_counts(gt, kernel(image, valid), valid))
+    assert found.f1[0] >= 0.9, found.at(0.5)
 
     # control: the same comparison notices a halo that is far too small
     def no_halo_declared(block, ok):
@@ -153,6 +155,45 @@ def test_tiled_classical_equals_single_piece_on_crowded_nuclei():
 
     small = chunking_agreement(image, valid, no_halo_declared, 2, [48])[0]
     assert small.n_objects != small.n_reference or small.matched < small.n_reference or small.mean_matched_iou < 0.999
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"split": "intensity"},
+        {"edges": True, "edge_sigma": 1.0, "edge_low": 0.05, "edge_high": 0.1},
+        {"footprint": "disk", "compactness": 0.01},
+        {"polarity": "dark", "fill_holes": False},
+    ],
+    ids=["intensity", "canny", "disk-compact", "dark"],
+)
+def test_kernel_options_keep_chunked_equal_to_single_piece(options):
+    image, _ = crowded_nuclei(150, 140, 60, seed=9, noise=0.06)
+    if options.get("polarity") == "dark":
+        image = 1 - image  # dark nuclei on a bright background
+    valid = np.ones(image.shape[1:], bool)
+    kernel = ClassicalInstances(threshold=0.4 if "polarity" not in options else 0.6, sigma=1.0, max_diameter=18,
+                                min_distance=4, min_size=10, **options)  # fmt: skip
+    (r,) = chunking_agreement(image, valid, kernel, kernel.required_halo, [48])
+    assert r.n_objects == r.n_reference >= 40, r
+    # watershed ties between equally high pixels are broken by flooding order, which a
+    # crop can change: a few boundary pixels between touching objects may differ
+    assert r.matched == r.n_reference and r.mean_matched_iou >= 0.995 and r.ari >= 0.999, r
+
+
+def test_hole_filling_fills_holes_inside_objects_only():
+    fg = np.zeros((60, 60), bool)
+    fg[5:15, 5:15] = True
+    fg[9:11, 9:11] = False  # a 2 x 2 hole in a 10 px object: filled
+    fg[20:55, 20:55] = True
+    fg[24:51, 24:51] = False  # a 27 px hole inside a ring wider than max_extent: kept
+    fg[0:3, 40:50] = True
+    fg[0:2, 44:46] = False  # a notch open to the edge of the array: kept
+    out = fill_small_holes(fg, max_extent=12)
+    assert out[9:11, 9:11].all()
+    assert not out[24:51, 24:51].any()
+    assert not out[0:2, 44:46].any()
+    np.testing.assert_array_equal(out & ~fg, np.pad(np.ones((2, 2), bool), ((9, 49), (9, 49))))
 
 
 def test_signal_and_global_otsu_do_not_depend_on_chunking():
