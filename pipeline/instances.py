@@ -413,7 +413,8 @@ def relabel(local: da.Array, plan: MergePlan) -> da.Array:
     """
     if tuple(map(tuple, local.chunks)) != plan.chunks:
         raise InputError("the local labels are chunked differently from the merge plan; keep the chunks of step 1")
-    name = f"instances-final-{tokenize(local.name, plan.n_provisional, plan.n_objects, plan.base)}"
+    merged = sorted((k, r.tolist(), f.tolist()) for k, (r, f) in plan.merged.items())
+    name = f"instances-final-{tokenize(local.name, plan.n_provisional, plan.n_objects, plan.base, merged)}"
     empty = np.zeros(0, np.int64)
     dsk = {}
     for i in range(len(plan.chunks[0])):
