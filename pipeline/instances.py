@@ -24,13 +24,13 @@ Design note "Instances across chunks", step by step:
 5. **Relabel once** (:func:`relabel`): consecutive ids 1..N in the order of the roots'
    provisional ids, in the smallest sufficient dtype (uint16, uint32, uint64; 0 =
    background). Each chunk's lookup table has ``n_k + 1`` entries, built in its task from
-   three numbers and its own merged objects, so a worker holds at most a chunk, and no
-   task ever holds the whole label image.
+   the chunk's base id and its own merged objects, so a worker holds at most a chunk
+   plus halo, and no task ever holds the whole label image.
 
 If the halo is at least the kernel's ``required_halo`` (checked), an object touching a
-chunk's core is segmented the same in every chunk that sees it, so the result does not
-depend on the chunking, up to a permutation of ids (:func:`chunking_agreement` measures
-it).
+chunk's core is segmented the same in every chunk that sees it (up to the kernel's
+documented non-local effects), so the result does not depend on the chunking, up to a
+permutation of ids (:func:`chunking_agreement` measures it).
 
 Cost: :func:`instance_labels` runs the kernel twice per chunk (once for counts and
 pairs, once more when the returned array is computed). A stage can run it once: compute
