@@ -137,7 +137,31 @@ def compute(*objs: Any, label: str, progress: bool = True, writes: Any = None) -
     raise failure  # outside `except`: a plain one-line error
 
 
+def _by_type(objs: tuple[Any, ...]) -> list[int]:
+    """Positions of ``objs`` with objects of one collection type next to each other (types
+    in order of first appearance, objects in order within a type).
+
+    Dask 2026.8 returns the results of a mixed ``compute(array, delayed, array)`` grouped
+    by type (array, array, delayed) instead of in argument order; with the objects
+    already grouped that way, the order is right, and :func:`_compute` restores the
+    caller's order.
+    """
+    first: dict[type, int] = {}
+    for i, o in enumerate(objs):
+        first.setdefault(type(o), i)
+    return sorted(range(len(objs)), key=lambda i: (first[type(objs[i])], i))
+
+
 def _compute(objs: tuple[Any, ...], label: str, progress: bool) -> tuple[Any, ...]:
+    order = _by_type(objs)
+    results = _compute_in_order(tuple(objs[i] for i in order), label, progress)
+    out: list[Any] = [None] * len(objs)
+    for pos, i in enumerate(order):
+        out[i] = results[pos]
+    return tuple(out)
+
+
+def _compute_in_order(objs: tuple[Any, ...], label: str, progress: bool) -> tuple[Any, ...]:
     client = current_client()
     if progress:
         print(f"[tileseg] {label}", flush=True)

@@ -146,7 +146,9 @@ class UNetConfig(_Model):
 class SegmentConfig(_Model):
     """Options of the segment stage."""
 
-    method: Literal["threshold", "kmeans", "unet"] = "kmeans"
+    method: Literal["threshold", "kmeans", "unet", "none"] = Field(
+        default="kmeans", description="Semantic method; `none` for instance-only runs (see `instances`)."
+    )
     threshold: ThresholdConfig = ThresholdConfig()
     kmeans: KMeansConfig = KMeansConfig()
     unet: UNetConfig = UNetConfig()
@@ -324,6 +326,13 @@ class ReportConfig(_Model):
     )
 
 
+class InstanceEvaluateConfig(_Model):
+    """Object-level evaluation of instance labels against a ground-truth instance mask."""
+
+    ground_truth: Path = Field(description="Instance-id raster (TIFF, OME-TIFF, GeoTIFF, zarr): 0 = background.")
+    nodata: int | None = Field(default=None, description="Ground-truth value meaning 'unlabeled' (left out).")
+
+
 class EvaluateConfig(_Model):
     """Options of the evaluate stage."""
 
@@ -340,6 +349,9 @@ class EvaluateConfig(_Model):
         "Default: the prediction's own store, or the run's store (tileseg run).",
     )
     report: ReportConfig = ReportConfig()
+    instances: InstanceEvaluateConfig | None = Field(
+        default=None, description="Object-level evaluation of the instance ids (matching at IoU 0.5 ... 0.95)."
+    )
 
 
 class DaskConfig(_Model):
@@ -373,6 +385,13 @@ class RunConfig(_Model):
     evaluate: EvaluateConfig = EvaluateConfig()
     train: TrainConfig | None = None
     dask: DaskConfig = DaskConfig()
+    # Instance segmentation and microscopy inputs (classes defined at the end of this module)
+    instances: InstanceConfig | None = Field(
+        default=None, description="Instance segmentation (an id per object). None: semantic segmentation only."
+    )
+    microscopy: MicroscopyConfig = Field(
+        default_factory=lambda: MicroscopyConfig(), description="Options for microscopy inputs (TIFF, OME-TIFF, zarr)."
+    )
     # Last, and left out of model_dump (so of config_hash and of a deployment's parameters):
     # scheduling does not change a run's results. Defined at the end of this module.
     deploy: DeployConfig | None = Field(
@@ -545,6 +564,45 @@ class DeployConfig(_Model):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {v!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'") from None
         return v
+
+
+class InstanceConfig(_Model):
+    """Instance segmentation: an id per object, objects whole across chunk borders.
+
+    Lengths are in ``units``: pixels, or micrometres (``um``) converted with the store's
+    ``pixel_size_um`` (microscopy inputs; the mean of y and x for slightly anisotropic
+    pixels). ``min_size`` is an area (px² or µm²). See :mod:`pipeline.segment.instances`
+    and :mod:`pipeline.instances`.
+    """
+
+    method: Literal["classical"] = Field(default="classical", description="Per-chunk instance kernel.")
+    bands: list[str] | None = Field(default=None, description="Bands averaged into the signal. Default: the first.")
+    threshold: float | None = Field(
+        default=None, description="Foreground threshold on the smoothed signal. None: Otsu of the whole image."
+    )
+    polarity: Literal["bright", "dark"] = Field(default="bright", description="Bright objects on dark, or dark on bright.")
+    sigma: float = Field(default=1.0, ge=0, description="Gaussian smoothing before thresholding (units).")
+    max_diameter: float = Field(default=30.0, gt=0, description="Largest object extent (units); sets the halo.")
+    min_distance: float = Field(default=4.0, gt=0, description="Smallest distance between two object centres (units).")
+    min_size: float = Field(default=0.0, ge=0, description="Objects with a smaller area are removed (units²).")
+    fill_holes: bool = True
+    split: Literal["distance", "intensity"] = Field(
+        default="distance", description="Watershed of the distance transform, or of the inverted signal."
+    )
+    footprint: Literal["square", "disk"] = "square"
+    compactness: float = Field(default=0.0, ge=0)
+    edges: bool = Field(default=False, description="Remove Canny edges of the signal from the foreground.")
+    units: Literal["px", "um"] = "px"
+    halo: int | None = Field(
+        default=None, ge=0, description="Pixels of context per chunk side. Default (and minimum): the kernel's need."
+    )
+    merge_iou: float = Field(
+        default=0.5, ge=0.5, lt=1.0, description="Pieces in neighbouring chunks merge above this IoU in the halo."
+    )
+    ome_zarr: bool | None = Field(
+        default=None, description="Write <output_dir>/instances.ome.zarr. Default: for microscopy inputs."
+    )
+    label_tiff: bool = Field(default=False, description="Also write a plain tiled TIFF of the instance ids.")
 
 
 RunConfig.model_rebuild()

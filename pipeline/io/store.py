@@ -235,3 +235,41 @@ def write_array(arr: da.Array, path: Path) -> Any:
 def open_array(path: Path) -> da.Array:
     """A zarr array written by :func:`write_array`, lazily, chunked as stored."""
     return da.from_zarr(str(path))
+
+
+INSTANCES = "instances"
+
+
+def write_variable(store: Path, name: str, arr: da.Array, grid: Grid, attrs: dict[str, Any]) -> Any:
+    """Prepare writing a (y, x) array as ``<name>_partial`` into an existing store, with the
+    store's georeferencing; returns a Dask delayed to compute. :func:`publish_variable`
+    renames it onto ``name`` after the compute succeeded (as :func:`write_labels` does for
+    ``labels``). ``arr`` must be chunked like the store's ``image`` in (y, x).
+    """
+    _drop_variable(Path(store), _partial(name))  # leftovers of a killed run
+    da_ = xr.DataArray(arr, dims=("y", "x"), coords=_coords(grid), attrs=dict(attrs))
+    ds = _georeference(xr.Dataset({_partial(name): da_}), grid)
+    chunks = (arr.chunks[0][0], arr.chunks[1][0])
+    return _to_zarr(ds, Path(store), "a", {_partial(name): {"chunks": chunks}})
+
+
+def publish_variable(store: Path, name: str) -> None:
+    """Rename ``<name>_partial`` onto ``name`` (replacing an earlier one whole).
+
+    Raises:
+        RasterIOError: the store cannot be changed.
+    """
+    store = Path(store)
+    final, tmp = store / name, store / _partial(name)
+    try:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _consolidate(store)
+    except OSError as exc:
+        raise RasterIOError(f"cannot publish {name} in {store}: {exc}") from None
+
+
+def discard_partial(store: Path, name: str) -> None:
+    """Remove ``<name>_partial`` left by an unfinished :func:`write_variable` (no-op if absent)."""
+    _drop_variable(Path(store), _partial(name))
