@@ -58,14 +58,18 @@ def run(
     config: Annotated[Path, typer.Argument(help="YAML run config, e.g. config/default.yaml.")],
     set_: SetOpt = None,
 ) -> None:
-    """Run the whole flow (ingest -> segment -> stitch -> evaluate) as the Prefect flow `landcover_run`."""
+    """Run the whole flow as a Prefect flow: `landcover_run` (ingest -> segment -> stitch ->
+    evaluate), or `instances_run` when the config has an `instances` section."""
     cfg = guarded(lambda: load(config, set_))
     _prefect_env()
-    from flows.landcover import landcover_run
+    if cfg.instances is not None:
+        from flows.instances import instances_run as run_flow
+    else:
+        from flows.landcover import landcover_run as run_flow
 
     if not debug_enabled():
         _console_without_tracebacks()
-    outputs = guarded(lambda: landcover_run(cfg))
+    outputs = guarded(lambda: run_flow(cfg))
     for k, v in outputs.items():
         typer.echo(f"{k}: {v}")
 

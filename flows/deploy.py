@@ -61,8 +61,12 @@ class ServedFlow:
         return getattr(importlib.import_module(module), attr)
 
 
-def _always(cfg: RunConfig) -> bool:
-    return True
+def _semantic(cfg: RunConfig) -> bool:
+    return cfg.instances is None
+
+
+def _instances(cfg: RunConfig) -> bool:
+    return cfg.instances is not None
 
 
 def _trainable(cfg: RunConfig) -> bool:
@@ -71,7 +75,8 @@ def _trainable(cfg: RunConfig) -> bool:
 
 #: Flows served by ``tileseg deploy``, in this order.
 SERVED: tuple[ServedFlow, ...] = (
-    ServedFlow("flows.landcover.landcover_run", scheduled=True, applies=_always),
+    ServedFlow("flows.landcover.landcover_run", scheduled=True, applies=_semantic),
+    ServedFlow("flows.instances.instances_run", scheduled=True, applies=_instances),
     ServedFlow("flows.train.train_run", scheduled=False, applies=_trainable),
 )
 
