@@ -48,6 +48,20 @@ def evaluate_objects_task(store: Path, config: RunConfig) -> instance_stages.Ins
                                               config.dask.progress, config.config_hash())  # fmt: skip
 
 
+@task(name="panoptic", cache_policy=NO_CACHE, **io_retry_options())
+def panoptic_task(store: Path, config: RunConfig) -> Path:
+    assert config.instances is not None
+    instance_stages.panoptic_labels(store, config.instances, config.dask.progress)
+    return instance_stages.export_panoptic_cog(store, config.output_dir / "panoptic.tif", config.dask.progress)
+
+
+@task(name="evaluate-panoptic", cache_policy=NO_CACHE, **io_retry_options())
+def evaluate_panoptic_task(store: Path, config: RunConfig):
+    assert config.instances is not None and config.evaluate.instances is not None
+    return instance_stages.evaluate_panoptic(store, config.evaluate.ground_truth, config.evaluate.instances,
+                                             config.instances, config.output_dir, config.dask.progress)  # fmt: skip
+
+
 def publish_object_artifacts(ev: instance_stages.InstanceEvaluation, run_name: str) -> None:
     """Object-level metrics as Prefect artifacts: a table per IoU threshold and the report."""
     per = ev.report["metrics"]["per_threshold"]
@@ -75,6 +89,15 @@ def instances_run(config: RunConfig) -> dict[str, str]:
             outputs["cog"] = str(stitch_task(store, config))
         store = instances_task(store, config)
         outputs.update({k: str(v) for k, v in export_task(store, config).items()})
+        if config.segment.method != "none":
+            outputs["panoptic_cog"] = str(panoptic_task(store, config))
+            if config.evaluate.ground_truth is not None and config.evaluate.instances is not None:
+                pq = evaluate_panoptic_task(store, config)
+                outputs["panoptic_report"] = str(config.output_dir / "report_panoptic.md")
+                create_markdown_artifact(key="panoptic-quality", markdown=pq.markdown(dict(enumerate(config.class_names()))),
+                                         description=f"Panoptic quality per class of {config.name}")  # fmt: skip
+                print(f"\npanoptic quality: PQ {pq.pq_all:.4f} (things {pq.pq_things:.4f}), SQ {pq.sq_all:.4f}, "
+                      f"RQ {pq.rq_all:.4f}")
         if config.evaluate.ground_truth is not None and config.segment.method != "none":
             result = evaluate_task(Path(outputs["cog"]), config)
             outputs.update(result.paths())

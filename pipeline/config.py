@@ -603,6 +603,11 @@ class InstanceConfig(_Model):
         default=None, description="Write <output_dir>/instances.ome.zarr. Default: for microscopy inputs."
     )
     label_tiff: bool = Field(default=False, description="Also write a plain tiled TIFF of the instance ids.")
+    thing_classes: list[str] | None = Field(
+        default=None,
+        description="Panoptic runs (a semantic `segment` too): the classes whose pixels carry instance ids "
+        "(countable objects, e.g. buildings); the others are 'stuff' (instance 0). Default: every class.",
+    )
 
 
 RunConfig.model_rebuild()

@@ -302,3 +302,119 @@ def ingest_inputs(inputs: list[Path], store: Path, ingest_cfg, microscopy_cfg, p
             raise InputError(f"a microscopy run takes one input image (channels inside it); got {len(inputs)}")
         return stages.ingest_microscopy(Path(inputs[0]), store, ingest_cfg, microscopy_cfg, progress)
     return stages.ingest(inputs, store, ingest_cfg, progress)
+
+
+# --------------------------------------------------------------------------- panoptic
+def _thing_ids(cfg: InstanceConfig, class_names: list[str]) -> list[int]:
+    if cfg.thing_classes is None:
+        return list(range(len(class_names)))
+    unknown = [c for c in cfg.thing_classes if c not in class_names]
+    if unknown:
+        raise ConfigError(f"instances.thing_classes {unknown} are not classes of the run ({class_names})")
+    return [class_names.index(c) for c in cfg.thing_classes]
+
+
+def panoptic_labels(store: Path, cfg: InstanceConfig, progress: bool = True) -> Path:
+    """Store ``labels`` (semantic) + ``instances`` -> ``panoptic`` (component, y, x) uint32:
+    component 0 the class id (255 = nodata, as in ``labels``), component 1 the instance id
+    where the class is a "thing" (``cfg.thing_classes``; default every class), else 0.
+
+    A pixel's panoptic segment is (class, instance); stuff classes are one segment per
+    class (Kirillov et al. 2019, "Panoptic Segmentation"). Written as ``panoptic_partial``
+    and renamed at the end.
+
+    Raises:
+        InputError: the store lacks ``labels`` or ``instances``.
+        ConfigError: thing classes that are not classes of the labels.
+    """
+    ds = zstore.open_store(store)
+    for name in (zstore.LABELS, zstore.INSTANCES):
+        if name not in ds:
+            raise InputError(f"{store} has no {name}; a panoptic label needs semantic labels and instances")
+    labels = ds[zstore.LABELS]
+    names = list(labels.attrs.get("class_names") or [])
+    things = np.asarray(_thing_ids(cfg, names), dtype=np.int64)
+    cls = labels.data.astype(np.uint32)
+    inst = ds[zstore.INSTANCES].data.astype(np.uint32)
+    is_thing = da.isin(labels.data.astype(np.int64), things)
+    panoptic = da.stack([cls, da.where(is_thing, inst, 0).astype(np.uint32)]).rechunk({0: 2})
+    attrs = {"components": ["class", "instance"], "class_names": names, "thing_classes": things.tolist(),
+             "class_nodata": int(labels.attrs.get("nodata", 255))}  # fmt: skip
+    grid = zstore.store_grid(ds)
+    try:
+        compute(zstore.write_variable(store, zstore.PANOPTIC, panoptic, grid, attrs, ("component", "y", "x")),
+                label="panoptic labels", progress=progress, writes=f"panoptic in {store}")  # fmt: skip
+    except BaseException:
+        zstore.discard_partial(store, zstore.PANOPTIC)
+        raise
+    zstore.publish_variable(store, zstore.PANOPTIC)
+    return Path(store)
+
+
+def export_panoptic_cog(store: Path, out: Path, progress: bool = True) -> Path:
+    """The store's ``panoptic`` -> a two-band uint32 COG (band 1 class id, band 2 instance id),
+    with the store's CRS and transform, from one writer.
+
+    Raises:
+        InputError: no ``panoptic`` in the store.
+        RasterIOError: the COG cannot be written.
+    """
+    from pipeline.io.raster import write_cog
+
+    ds = zstore.open_store(store)
+    if zstore.PANOPTIC not in ds:
+        raise InputError(f"{store} has no panoptic labels")
+    arr = ds[zstore.PANOPTIC].data
+    grid = zstore.store_grid(ds)
+
+    def blocks():
+        for w in _windows(grid, arr.chunksize[-1]):
+            yield w, np.asarray(arr[:, w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width])
+
+    return write_cog(out, grid, "uint32", None, blocks(), band_descriptions=["class id", "instance id"])
+
+
+def evaluate_panoptic(store: Path, semantic_gt, instance_gt: InstanceEvaluateConfig, cfg: InstanceConfig,
+                      out_dir: Path, progress: bool = True):  # fmt: skip
+    """Panoptic quality per class of the store's ``panoptic`` against ground truth made of a
+    semantic class map (``semantic_gt``, any form :func:`pipeline.evaluation.ground_truth_array`
+    reads) and an instance-id mask (``instance_gt``) on the image's grid.
+
+    Segments match within their class at IoU > 0.5; unlabeled ground truth is void (Kirillov
+    et al. 2019 void rule); stuff classes (not in ``cfg.thing_classes``) count one segment
+    per class. Writes ``report_panoptic.json`` and ``report_panoptic.md``.
+
+    Returns:
+        :class:`pipeline.object_metrics.PanopticMetrics`.
+    """
+    from pipeline.evaluation import ground_truth_array
+    from pipeline.object_metrics import panoptic_counts, panoptic_quality
+
+    ds = zstore.open_store(store)
+    if zstore.PANOPTIC not in ds:
+        raise InputError(f"{store} has no panoptic labels")
+    pan = ds[zstore.PANOPTIC]
+    names = list(pan.attrs["class_names"])
+    grid = zstore.store_grid(ds)
+    chunks = pan.data.chunks[1:]
+    gt_class, unlabeled = ground_truth_array(semantic_gt, grid, chunks, names)
+    void = len(names) + 1  # never a class id
+    gt_class = da.where((gt_class == unlabeled) | (gt_class < 0), void, gt_class).astype(np.int64)
+    gt_ids = _ground_truth_ids(Path(instance_gt.ground_truth), pan.shape[1:], chunks).astype(np.int64)
+    pred_class = pan.data[0].astype(np.int64)
+    pred_class = da.where(pred_class == pan.attrs["class_nodata"], void, pred_class)
+    stuff = sorted(set(range(len(names))) - set(pan.attrs["thing_classes"]))
+    (counts,) = compute(dask_counts(panoptic_counts, gt_class, gt_ids, pred_class, pan.data[1].astype(np.int64),
+                                    void=void, stuff_classes=stuff),
+                        label="panoptic: segment matching counts", progress=progress)  # fmt: skip
+    metrics = panoptic_quality(counts, stuff)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_id = dict(enumerate(names))
+    doc = {"tileseg_version": __version__, "kind": "panoptic", "prediction": str(store), "class_names": names,
+           "ground_truth": [files.checksum(semantic_gt.path), files.checksum(instance_gt.ground_truth)],
+           "metrics": metrics.to_dict(by_id)}  # fmt: skip
+    md = f"# Panoptic quality\n\nPrediction: `{store}` (panoptic)\n\n{metrics.markdown(by_id)}\n"
+    files.publish_texts([(out_dir / "report_panoptic.md", md),
+                         (out_dir / "report_panoptic.json", json.dumps(doc, indent=2) + "\n")])  # fmt: skip
+    return metrics

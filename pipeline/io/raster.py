@@ -278,8 +278,10 @@ def write_cog(
     overview_resampling: str = "nearest",
     on_block: Callable[[], None] | None = None,
     description: str = "labels",
+    band_descriptions: list[str] | None = None,
 ) -> Path:
-    """Write a single-band Cloud-Optimized GeoTIFF from (window, array) blocks, from one process.
+    """Write a Cloud-Optimized GeoTIFF (one band, or ``len(band_descriptions)`` bands) from
+    (window, array) blocks, from one process.
 
     The blocks are written window by window into a tiled GeoTIFF under a temporary
     name; GDAL's COG driver then copies it with internal overviews (``overview_resampling``,
@@ -288,7 +290,9 @@ def write_cog(
 
     Args:
         grid: CRS, transform and shape of the output.
-        blocks: (window, array of shape (window.height, window.width)) covering the grid.
+        blocks: (window, array of shape (window.height, window.width)) covering the grid;
+            (bands, height, width) for a multi-band COG.
+        band_descriptions: one description per band of a multi-band COG (no colour table).
         colormap: class id -> RGBA, embedded as the colour table.
         class_names: stored as the ``CLASS_NAMES`` tag (JSON list; id = position).
         description: the band description (with ``class_names``).
@@ -304,7 +308,7 @@ def write_cog(
         "driver": "GTiff",
         "width": grid.width,
         "height": grid.height,
-        "count": 1,
+        "count": len(band_descriptions) if band_descriptions else 1,
         "dtype": dtype,
         "crs": CRS.from_wkt(grid.crs_wkt) if grid.crs_wkt else None,
         "transform": grid.transform,
@@ -324,12 +328,17 @@ def write_cog(
             if colormap:  # before any pixel: GDAL fixes the photometric tag at the first write
                 dst.write_colormap(1, colormap)
             for window, arr in blocks:
-                dst.write(arr, 1, window=window)
+                if band_descriptions:
+                    dst.write(arr, window=window)
+                else:
+                    dst.write(arr, 1, window=window)
                 if on_block is not None:
                     on_block()
             if class_names:
                 dst.update_tags(CLASS_NAMES=json.dumps(class_names))
                 dst.set_band_description(1, description)
+            for i, text in enumerate(band_descriptions or [], 1):
+                dst.set_band_description(i, text)
         with rasterio.Env():
             rasterio.shutil.copy(
                 tiled,

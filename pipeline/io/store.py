@@ -238,18 +238,21 @@ def open_array(path: Path) -> da.Array:
 
 
 INSTANCES = "instances"
+PANOPTIC = "panoptic"
 
 
-def write_variable(store: Path, name: str, arr: da.Array, grid: Grid, attrs: dict[str, Any]) -> Any:
-    """Prepare writing a (y, x) array as ``<name>_partial`` into an existing store, with the
-    store's georeferencing; returns a Dask delayed to compute. :func:`publish_variable`
-    renames it onto ``name`` after the compute succeeded (as :func:`write_labels` does for
-    ``labels``). ``arr`` must be chunked like the store's ``image`` in (y, x).
+def write_variable(store: Path, name: str, arr: da.Array, grid: Grid, attrs: dict[str, Any],
+                   dims: tuple[str, ...] = ("y", "x")) -> Any:  # fmt: skip
+    """Prepare writing a (y, x) array (or (k, y, x) with ``dims``, e.g. ("component", "y",
+    "x")) as ``<name>_partial`` into an existing store, with the store's georeferencing;
+    returns a Dask delayed to compute. :func:`publish_variable` renames it onto ``name``
+    after the compute succeeded (as :func:`write_labels` does for ``labels``). ``arr``
+    must be chunked like the store's ``image`` in (y, x), whole along a leading axis.
     """
     _drop_variable(Path(store), _partial(name))  # leftovers of a killed run
-    da_ = xr.DataArray(arr, dims=("y", "x"), coords=_coords(grid), attrs=dict(attrs))
+    da_ = xr.DataArray(arr, dims=dims, coords=_coords(grid), attrs=dict(attrs))
     ds = _georeference(xr.Dataset({_partial(name): da_}), grid)
-    chunks = (arr.chunks[0][0], arr.chunks[1][0])
+    chunks = tuple(arr.shape[:-2]) + (arr.chunks[-2][0], arr.chunks[-1][0])
     return _to_zarr(ds, Path(store), "a", {_partial(name): {"chunks": chunks}})
 
 
