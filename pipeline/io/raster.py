@@ -278,6 +278,7 @@ def write_cog(
     overview_resampling: str = "nearest",
     on_block: Callable[[], None] | None = None,
     description: str = "labels",
+    tags: dict[str, str] | None = None,
 ) -> Path:
     """Write a single-band Cloud-Optimized GeoTIFF from (window, array) blocks, from one process.
 
@@ -292,6 +293,7 @@ def write_cog(
         colormap: class id -> RGBA, embedded as the colour table.
         class_names: stored as the ``CLASS_NAMES`` tag (JSON list; id = position).
         description: the band description (with ``class_names``).
+        tags: more dataset tags (for example which run wrote the file).
 
     Raises:
         RasterIOError: the output cannot be written.
@@ -330,6 +332,8 @@ def write_cog(
             if class_names:
                 dst.update_tags(CLASS_NAMES=json.dumps(class_names))
                 dst.set_band_description(1, description)
+            if tags:
+                dst.update_tags(**tags)
         with rasterio.Env():
             rasterio.shutil.copy(
                 tiled,
