@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli import ConfigOpt, SetOpt, app, debug_enabled, guarded, load
+from pipeline.cli import ConfigOpt, OverwriteOpt, SetOpt, app, debug_enabled, guarded, load
 
 __all__ = ["app"]
 
@@ -57,9 +57,12 @@ def _prefect_env() -> None:
 def run(
     config: Annotated[Path, typer.Argument(help="YAML run config, e.g. config/default.yaml.")],
     set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Run the whole flow (ingest -> segment -> stitch -> evaluate) as the Prefect flow `landcover_run`."""
-    cfg = guarded(lambda: load(config, set_))
+    """Run the whole flow (ingest -> segment -> stitch -> evaluate) as the Prefect flow `landcover_run`.
+
+    Rerunning the same command after a crash reuses the store and the finished chunks."""
+    cfg = guarded(lambda: load(config, set_, overwrite))
     _prefect_env()
     from flows.landcover import landcover_run
 
