@@ -101,3 +101,24 @@ def test_chunk_errors_name_stage_chunk_and_store(tif, model, tmp_path):
         stages.segment(store, SegmentConfig(method="threshold", threshold={"expression": "B03", "value": 1}),
                        progress=False)  # fmt: skip
     assert issubclass(RasterIOError, OSError) and not issubclass(InputError, OSError)
+
+
+def test_chunk_errors_keep_their_type_and_errno_across_processes():
+    """Errors travel from worker processes pickled; a full disk stays a full disk (no retries)."""
+    import errno
+    import pickle
+
+    from flows.retry import is_transient
+    from pipeline.apply import chunk_error
+    from pipeline.errors import ChunkError
+
+    info = {None: {"chunk-location": (0, 1, 2), "array-location": [(0, 4), (32, 64), (64, 96)]}}
+    full = pickle.loads(pickle.dumps(chunk_error(OSError(errno.ENOSPC, "No space left"), "ingest -> s.zarr", info)))
+    assert isinstance(full, RasterIOError) and full.errno == errno.ENOSPC and not is_transient(full)
+    assert str(full) == "ingest -> s.zarr, chunk (1, 2) rows 32:64 cols 64:96: OSError: [Errno 28] No space left"
+    flaky = pickle.loads(pickle.dumps(chunk_error(TimeoutError("read timed out"), "ingest", info)))
+    assert isinstance(flaky, RasterIOError) and is_transient(flaky)
+    bad = chunk_error(InputError("no such band"), "segment", info)
+    assert type(bad) is InputError and str(bad).endswith(": no such band")
+    bug = chunk_error(KeyError("k"), "segment", info)
+    assert isinstance(bug, ChunkError) and "KeyError" in str(bug) and not isinstance(bug, OSError)

@@ -53,6 +53,8 @@ def _coords(grid: Grid) -> dict[str, Any]:
 
 
 def _to_zarr(ds: xr.Dataset, path: Path, mode: str, encoding: dict[str, Any]) -> Any:
+    if mode == "a":  # appending replaces the group's attributes: keep the store's (the ingest manifest)
+        ds = ds.assign_attrs({**read_root_attrs(path), **ds.attrs})
     with warnings.catch_warnings():
         # zarr v3 warns that consolidated metadata is an extension; xarray relies on it.
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
@@ -89,6 +91,15 @@ def _consolidate(store: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
         zarr.consolidate_metadata(store, zarr_format=3)
+
+
+def _drop_variable(store: Path, name: str) -> None:
+    import zarr
+
+    group = zarr.open_group(store, mode="r+", zarr_format=3)
+    if name in group:
+        del group[name]  # the whole directory, with anything inside it (such as chunk markers)
+        _consolidate(store)
 
 
 def _partial(name: str) -> str:
@@ -137,7 +148,6 @@ def create_partial_labels(
                                                           attrs=pattrs)  # fmt: skip
         encoding[_partial(PROBABILITIES)] = {"chunks": (probabilities.shape[0],) + chunks}
     ds = _georeference(xr.Dataset(data_vars), grid)
-    ds.attrs.update(read_root_attrs(store))  # appending sets the group's attributes: keep the ingest manifest
     try:
         _to_zarr(ds, store, "a", encoding)  # writes the metadata now; the returned data writes are not used
         (store / _partial(LABELS) / DONE_DIR).mkdir()
@@ -250,14 +260,8 @@ def publish_labels(store: Path) -> None:
 
 def discard_partial_labels(store: Path) -> None:
     """Remove arrays (and markers) left by an unfinished segment run (no-op when there are none)."""
-    store = Path(store)
-    found = False
     for name in (LABELS, PROBABILITIES):
-        if (store / _partial(name)).exists():
-            shutil.rmtree(store / _partial(name))
-            found = True
-    if found:
-        _consolidate(store)
+        _drop_variable(Path(store), _partial(name))
 
 
 def read_root_attrs(store: Path) -> dict[str, Any]:
