@@ -37,14 +37,20 @@ every stage to recompute instead of reusing. The run config hash leaves out ``da
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline import apply
+from pipeline.cluster import compute
 from pipeline.config import IngestConfig, RunConfig, SegmentConfig, config_hash
 from pipeline.errors import OutputExistsError, RasterIOError
+from pipeline.grid import Grid
 from pipeline.io import files
 from pipeline.io import store as zstore
+
+log = logging.getLogger("tileseg")
 
 #: Root attribute of a store holding its ingest manifest.
 MANIFEST_ATTR = "tileseg_ingest"
@@ -141,6 +147,45 @@ def segment_key(store: Path, cfg: SegmentConfig, attrs: dict[str, Any], probabil
         "segment": cfg.model_dump(mode="json"), "attrs": attrs, "model": model, "probabilities": probabilities,
         "chunks": [list(c) for c in chunks], "image": store_identity(store), "tileseg": __version__,
     })  # fmt: skip
+
+
+def write_labels(store: Path, cfg: SegmentConfig, labels: Any, probabilities: Any, grid: Grid, attrs: dict[str, Any],
+                 where: str, progress: bool, overwrite: bool) -> None:  # fmt: skip
+    """Write the lazy ``labels`` (y, x) (and ``probabilities`` (class, y, x)) into ``store``
+    chunk by chunk and publish them, doing nothing for up-to-date labels and resuming a run
+    with the same segment key (see the module docstring and :func:`pipeline.stages.segment`).
+
+    Args:
+        attrs: the labels' attributes (with the derived parameters); the key is added.
+        where: the stage and store, for errors of chunk tasks.
+        overwrite: recompute every chunk.
+
+    Raises:
+        RasterIOError: the store cannot be written; TilesegError: a chunk task failed.
+    """
+    key = segment_key(store, cfg, attrs, probabilities is not None, labels.chunks)
+    attrs = {**attrs, zstore.SEGMENT_KEY: key}
+    state = zstore.labels_state(store)
+    with_probs = probabilities is not None
+    if not overwrite and state[zstore.LABELS] == key and (state[zstore.PROBABILITIES] == key) == with_probs:
+        log.info("labels in %s are up to date (same segment key %s…): nothing to do", store, key[7:19])
+        return
+    partial = zstore.LABELS + "_partial", zstore.PROBABILITIES + "_partial"
+    resumable = not overwrite and state[partial[0]] == key and (not with_probs or state[partial[1]] == key)
+    if not resumable:
+        zstore.create_partial_labels(store, labels, grid, attrs, probabilities)
+    done = zstore.done_chunks(store, key) if resumable else set()
+    nby, nbx = labels.numblocks
+    todo = [(i, j) for i in range(nby) for j in range(nbx) if (i, j) not in done]
+    if resumable:
+        log.info("resuming segment of %s: %d of %d chunks were already written; computing the other %d",
+                 store, len(done), nby * nbx, len(todo))  # fmt: skip
+    writer = zstore.ChunkWriter(str(store), key)
+    tasks = apply.chunk_tasks(apply.write_chunks(labels, probabilities, writer, where), todo)
+    if tasks:
+        compute(*tasks, label=f"segment ({cfg.method}): {len(todo)} chunks", progress=progress,
+                writes=f"labels in {store}")  # fmt: skip
+    zstore.publish_labels(store)
 
 
 # --------------------------------------------------------------------------- stitch and evaluate

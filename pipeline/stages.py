@@ -319,39 +319,8 @@ def segment(
         if mapping is None and not class_names:
             class_names = [f"cluster_{k}" for k in range(kc.n_clusters)]
     attrs["class_names"] = class_names
-    _write_labels(store, cfg, labels, probabilities, grid, attrs, where, progress, overwrite)
+    resume.write_labels(store, cfg, labels, probabilities, grid, attrs, where, progress, overwrite)
     return store
-
-
-def _write_labels(store: Path, cfg: SegmentConfig, labels, probabilities, grid: Grid, attrs: dict, where: str,
-                  progress: bool, overwrite: bool) -> None:  # fmt: skip
-    """Write the lazy ``labels`` (and ``probabilities``) chunk by chunk, resuming a run with
-    the same segment key, and publish them (see :func:`segment`)."""
-    key = resume.segment_key(store, cfg, attrs, probabilities is not None, labels.chunks)
-    attrs = {**attrs, zstore.SEGMENT_KEY: key}
-    state = zstore.labels_state(store)
-    if not overwrite and state[zstore.LABELS] == key and (state[zstore.PROBABILITIES] == key) == (
-        probabilities is not None
-    ):
-        log.info("labels in %s are up to date (same segment key %s…): nothing to do", store, key[7:19])
-        return
-    partial = zstore.LABELS + "_partial", zstore.PROBABILITIES + "_partial"
-    resumable = (not overwrite and state[partial[0]] == key
-                 and (probabilities is None or state[partial[1]] == key))  # fmt: skip
-    if not resumable:
-        zstore.create_partial_labels(store, labels, grid, attrs, probabilities)
-    done = zstore.done_chunks(store, key) if resumable else set()
-    nby, nbx = labels.numblocks
-    todo = [(i, j) for i in range(nby) for j in range(nbx) if (i, j) not in done]
-    if resumable:
-        log.info("resuming segment of %s: %d of %d chunks were already written; computing the other %d",
-                 store, len(done), nby * nbx, len(todo))  # fmt: skip
-    writer = zstore.ChunkWriter(str(store), key)
-    tasks = apply.chunk_tasks(apply.write_chunks(labels, probabilities, writer, where), todo)
-    if tasks:
-        compute(*tasks, label=f"segment ({cfg.method}): {len(todo)} chunks", progress=progress,
-                writes=f"labels in {store}")  # fmt: skip
-    zstore.publish_labels(store)
 
 
 def _unet_labels(store: Path, image, band_names, nodata, cfg: UNetConfig, class_names: list[str], where: str):
