@@ -52,6 +52,26 @@ def test_one_worker_per_gpu_pinned_to_its_device():
     assert [s["options"]["env"]["CUDA_VISIBLE_DEVICES"] for s in specs.values()] == ["3", "5"]
 
 
+def test_gpu_cluster_starts_one_pinned_worker_process_per_gpu(monkeypatch):
+    """The cluster tileseg starts when GPUs are present (their count faked: CI has none):
+    worker processes that each see one device and offer GPU=1."""
+    import os
+
+    from pipeline import cluster
+
+    monkeypatch.setattr(cluster, "gpu_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with dask_client(DaskConfig(n_workers=1, threads_per_worker=1, memory_limit="1GiB")) as client:
+        seen = client.run(lambda: (os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")))
+        assert sorted(v for _, v in seen.values()) == ["0", "1"]  # one device each ...
+        assert len({pid for pid, _ in seen.values()} | {os.getpid()}) == 3  # ... in processes of their own
+        info = client.scheduler_info()["workers"].values()
+        assert all(w["resources"] == {"GPU": 1} for w in info) and gpu_workers_present(client)
+    # threads cannot be pinned to a device: no GPU workers then
+    with dask_client(DaskConfig(n_workers=1, processes=False)) as client:
+        assert not gpu_workers_present(client)
+
+
 def test_unet_tasks_run_on_the_gpu_worker_of_an_existing_cluster(tif, model, tmp_path):
     """A cluster whose one worker offers a (fake) GPU resource: every U-Net inference task
     runs there, and the labels equal a run without any cluster."""
