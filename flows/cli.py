@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli import ConfigOpt, SetOpt, app, debug_enabled, guarded, load
+from pipeline.cli import ConfigOpt, OverwriteOpt, SetOpt, app, debug_enabled, guarded, load
 
 __all__ = ["app"]
 
@@ -57,10 +57,13 @@ def _prefect_env() -> None:
 def run(
     config: Annotated[Path, typer.Argument(help="YAML run config, e.g. config/default.yaml.")],
     set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Run the whole flow as a Prefect flow: `landcover_run` (ingest -> segment -> stitch ->
-    evaluate), or `instances_run` when the config has an `instances` section."""
-    cfg = guarded(lambda: load(config, set_))
+    evaluate), or `instances_run` when the config has an `instances` section.
+
+    Rerunning the same command after a crash reuses the store and the finished chunks."""
+    cfg = guarded(lambda: load(config, set_, overwrite))
     _prefect_env()
     if cfg.instances is not None:
         from flows.instances import instances_run as run_flow

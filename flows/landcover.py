@@ -24,6 +24,7 @@ from pipeline import stages
 from pipeline.cluster import dask_client
 from pipeline.config import RunConfig
 from pipeline.report import aggregate_table, console_table, exclusion_table, iou_table, markdown
+from pipeline.resume import check_run_outputs
 from pipeline.summary import RunSummary, label_counts, summary_markdown
 
 T = TypeVar("T")
@@ -33,17 +34,19 @@ T = TypeVar("T")
 # backoff on transient OSErrors only (flows.retry); segment, a pure compute stage, is not.
 @task(name="ingest", cache_policy=NO_CACHE, **io_retry_options())
 def ingest_task(config: RunConfig) -> Path:
-    return stages.ingest(config.inputs, config.store_path, config.ingest, config.dask.progress)
+    return stages.ingest(config.inputs, config.store_path, config.ingest, config.dask.progress, config.overwrite)
 
 
 @task(name="segment", cache_policy=NO_CACHE)
 def segment_task(store: Path, config: RunConfig) -> Path:
-    return stages.segment(store, config.segment, config.classes, config.evaluate.ground_truth, config.dask.progress)
+    return stages.segment(store, config.segment, config.classes, config.evaluate.ground_truth, config.dask.progress,
+                          config.overwrite)  # fmt: skip
 
 
 @task(name="stitch", cache_policy=NO_CACHE, **io_retry_options())
 def stitch_task(store: Path, config: RunConfig) -> Path:
-    return stages.stitch(store, config.cog_path, config.stitch, config.classes, config.dask.progress)
+    return stages.stitch(store, config.cog_path, config.stitch, config.classes, config.dask.progress,
+                         config.config_hash(), config.overwrite)  # fmt: skip
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, **io_retry_options())
@@ -62,6 +65,7 @@ def evaluate_task(cog: Path, config: RunConfig) -> stages.EvaluationResult:
         image=ev.image or config.store_path,  # the run's store: valid(image) and the quicklook
         report=ev.report,
         run_config_hash=config.config_hash(),
+        overwrite=config.overwrite,
     )
 
 
@@ -105,6 +109,7 @@ def landcover_run(config: RunConfig) -> dict[str, str]:
     """
     logger = get_run_logger()
     outputs: dict[str, str] = {}
+    check_run_outputs(config)  # another run's outputs: refused before anything is written
     took: dict[str, float] = {}
     report = None
     with dask_client(config.dask):  # logs the Dask dashboard link

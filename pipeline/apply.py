@@ -6,15 +6,25 @@ store's chunks; nothing is computed or written here. Blocks that must read files
 worker ever holds more than a chunk.
 
 Axis order: images are (band, y, x), label rasters (y, x).
+
+Errors raised inside a per-chunk kernel are re-raised by :class:`in_chunk` with the
+stage, the chunk (block index and pixel window) and the input named in the message,
+keeping a :class:`~pipeline.errors.TilesegError`'s own type (so its ``OSError`` /
+``ValueError`` mixin too); anything else becomes a ``RasterIOError`` (an ``OSError``) or a
+:class:`~pipeline.errors.ChunkError`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
+from dask.utils import has_keyword
 
+from pipeline.errors import ChunkError, RasterIOError, TilesegError
 from pipeline.grid import Grid, block_window, bbox_mask, chunk_sizes
 from pipeline.io.raster import BandSource, read_onto_grid, read_window
 from pipeline.io.vector import area_window, rasterize_window
@@ -24,6 +34,70 @@ from pipeline.segment.classical import Expression, KMeansModel, histogram
 
 def _meta(dtype: Any) -> np.ndarray:
     return np.empty((0,) * 2, dtype=dtype)
+
+
+def _location(block_info: dict | None) -> tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]] | None:
+    """(block index (i, j), ((r0, r1), (c0, c1))) in (y, x) of a block, from Dask's ``block_info``
+    (the first input's, else the output's); None when Dask gave none (meta inference)."""
+    if not block_info:
+        return None
+    info = block_info.get(0) or block_info.get(None)
+    if not info or "chunk-location" not in info:
+        return None
+    i, j = info["chunk-location"][-2:]
+    (r0, r1), (c0, c1) = info["array-location"][-2:]
+    return (int(i), int(j)), ((int(r0), int(r1)), (int(c0), int(c1)))
+
+
+def chunk_error(exc: Exception, where: str, block_info: dict | None) -> TilesegError:
+    """``exc`` re-made with ``where`` (stage and input) and the chunk's index and pixel window
+    in front of its message, e.g. ``segment (kmeans) of store s.zarr, chunk (1, 2) rows
+    512:1024 cols 1024:1536: ...``.
+
+    A :class:`TilesegError` keeps its type; another ``OSError`` becomes a ``RasterIOError``
+    (both keep ``errno``); anything else a :class:`ChunkError` whose message starts with the
+    original type's name.
+    """
+    loc = _location(block_info)
+    ctx = where if loc is None else f"{where}, chunk {loc[0]} rows {loc[1][0][0]}:{loc[1][0][1]} " \
+                                   f"cols {loc[1][1][0]}:{loc[1][1][1]}"  # fmt: skip
+    if isinstance(exc, TilesegError):
+        cls, text = type(exc), str(exc)
+    else:
+        cls = RasterIOError if isinstance(exc, OSError) else ChunkError
+        text = f"{type(exc).__name__}: {exc}"
+    try:
+        err = cls(f"{ctx}: {text}")
+    except Exception:  # a subclass with another constructor
+        return ChunkError(f"{ctx}: {type(exc).__name__}: {text}")
+    if isinstance(err, OSError) and isinstance(exc, OSError):
+        err.errno = exc.errno  # a full disk stays a full disk (no retries; see flows.retry)
+    return err
+
+
+class in_chunk:  # noqa: N801 - used like a function
+    """Wrap a per-chunk kernel so that its errors name ``where`` and the chunk (see :func:`chunk_error`).
+
+    The wrapper always takes Dask's ``block_info`` and passes it on only when ``fn`` wants it.
+    It is a plain class (not a closure) so that it pickles to Dask workers.
+    """
+
+    def __init__(self, fn: Callable[..., Any], where: str):
+        self.fn, self.where = fn, where
+        self.__name__ = getattr(fn, "__name__", "kernel")  # Dask names the keys after it
+        self._info = has_keyword(fn, "block_info")
+
+    def __call__(self, *args: Any, block_info: dict | None = None, **kwargs: Any) -> Any:
+        try:
+            if self._info:
+                return self.fn(*args, block_info=block_info, **kwargs)
+            return self.fn(*args, **kwargs)
+        except Exception as exc:
+            if getattr(exc, "_tileseg_chunk", False):
+                raise
+            err = chunk_error(exc, self.where, block_info)
+            err._tileseg_chunk = True  # type: ignore[attr-defined]
+            raise err from exc
 
 
 def _read_block(
@@ -51,15 +125,17 @@ def _read_block(
     return out
 
 
-def read_image(sources: list[BandSource], grid: Grid, chunk: int, resampling: str, nodata: float | None) -> da.Array:
+def read_image(sources: list[BandSource], grid: Grid, chunk: int, resampling: str, nodata: float | None,
+               where: str = "ingest") -> da.Array:  # fmt: skip
     """Lazy (band, y, x) image of all ``sources`` on ``grid``, chunked (all bands, chunk, chunk).
 
-    dtype: the common numpy dtype of the sources (``np.result_type``).
+    dtype: the common numpy dtype of the sources (``np.result_type``). ``where`` names the
+    stage in the errors of a chunk (see :class:`in_chunk`).
     """
     dtype = np.result_type(*[np.dtype(s.dtype) for s in sources]).name
     chunks = ((len(sources),), chunk_sizes(grid.height, chunk), chunk_sizes(grid.width, chunk))
     return da.map_blocks(
-        _read_block,
+        in_chunk(_read_block, where),
         sources,
         grid,
         resampling,
@@ -81,14 +157,31 @@ def valid_mask(image: da.Array, band_idx: list[int], nodata: float | None) -> da
     return ~(image[band_idx] == nodata).any(axis=0)
 
 
-def index_image(image: da.Array, band_names: list[str], expr: Expression) -> da.Array:
+def read_store_image(store: str, shape: tuple[int, int, int], chunks: tuple[tuple[int, ...], ...], dtype: Any,
+                     where: str) -> da.Array:  # fmt: skip
+    """Lazy (band, y, x) ``image`` of a tileseg store, read chunk by chunk straight from zarr
+    (:func:`pipeline.io.store.read_region`), with ``chunks`` as stored, so a damaged chunk
+    is reported with its index and window (see :class:`in_chunk`)."""
+    from pipeline.io.store import read_region
+
+    bands = list(range(shape[0]))
+
+    def read(block_info=None) -> np.ndarray:
+        (r0, r1), (c0, c1) = block_info[None]["array-location"][1:]
+        return read_region(store, bands, r0, r1, c0, c1)
+
+    return da.map_blocks(in_chunk(read, where), chunks=chunks, dtype=dtype, meta=np.empty((0, 0, 0), dtype=dtype),
+                         token="tileseg-image")  # fmt: skip
+
+
+def index_image(image: da.Array, band_names: list[str], expr: Expression, where: str = "segment") -> da.Array:
     """Lazy float64 (y, x) spectral index from a band expression."""
     idx = [band_names.index(n) for n in expr.names]
 
     def kernel(block: np.ndarray) -> np.ndarray:
         return expr.evaluate({n: block[k] for k, n in enumerate(expr.names)})
 
-    return da.map_blocks(kernel, image[idx], drop_axis=0, dtype=np.float64, meta=_meta(np.float64))
+    return da.map_blocks(in_chunk(kernel, where), image[idx], drop_axis=0, dtype=np.float64, meta=_meta(np.float64))
 
 
 def finite_range(values: da.Array, valid: da.Array) -> tuple[da.Array, da.Array]:
@@ -98,18 +191,20 @@ def finite_range(values: da.Array, valid: da.Array) -> tuple[da.Array, da.Array]
     return da.nanmin(masked), da.nanmax(masked)
 
 
-def global_histogram(values: da.Array, valid: da.Array, edges: np.ndarray) -> da.Array:
+def global_histogram(values: da.Array, valid: da.Array, edges: np.ndarray, where: str = "segment") -> da.Array:
     """Lazy int64 histogram of valid, finite pixels over fixed ``edges``: sum of per-chunk counts."""
     nbins = len(edges) - 1
 
     def kernel(v: np.ndarray, ok: np.ndarray) -> np.ndarray:
         return histogram(v, ok & np.isfinite(v), edges)[None, None, :]
 
-    per_chunk = da.map_blocks(kernel, values, valid, new_axis=2, chunks=(1, 1, nbins), dtype=np.int64)
+    per_chunk = da.map_blocks(in_chunk(kernel, where), values, valid, new_axis=2, chunks=(1, 1, nbins),
+                              dtype=np.int64)  # fmt: skip
     return per_chunk.sum(axis=(0, 1))
 
 
-def threshold_labels(values: da.Array, valid: da.Array, threshold: float, nodata: int) -> da.Array:
+def threshold_labels(values: da.Array, valid: da.Array, threshold: float, nodata: int,
+                     where: str = "segment") -> da.Array:  # fmt: skip
     """uint8 (y, x): 1 where ``values > threshold``, 0 elsewhere, ``nodata`` where invalid or non-finite."""
 
     def kernel(v: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -117,7 +212,7 @@ def threshold_labels(values: da.Array, valid: da.Array, threshold: float, nodata
         out[~(ok & np.isfinite(v))] = nodata
         return out
 
-    return da.map_blocks(kernel, values, valid, dtype=np.uint8, meta=_meta(np.uint8))
+    return da.map_blocks(in_chunk(kernel, where), values, valid, dtype=np.uint8, meta=_meta(np.uint8))
 
 
 def sample_pixels(image: da.Array, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +239,7 @@ def kmeans_labels(
     valid: da.Array,
     nodata: int,
     mapping: np.ndarray | None = None,
+    where: str = "segment",
 ) -> da.Array:
     """uint8 (y, x) cluster ids (or class ids through ``mapping``), ``nodata`` where invalid."""
     lut = None if mapping is None else np.asarray(mapping, dtype=np.uint8)
@@ -154,7 +250,8 @@ def kmeans_labels(
         out[~ok] = nodata
         return out
 
-    return da.map_blocks(kernel, image[band_idx], valid, drop_axis=0, dtype=np.uint8, meta=_meta(np.uint8))
+    return da.map_blocks(in_chunk(kernel, where), image[band_idx], valid, drop_axis=0, dtype=np.uint8,
+                         meta=_meta(np.uint8))  # fmt: skip
 
 
 def _raster_block(path, block_info=None) -> np.ndarray:
@@ -216,13 +313,14 @@ def ground_truth(
     Unlabeled pixels, pixels outside the file and values missing from ``lookup`` are
     ``GT_UNLABELED`` (-1).
     """
+    where = f"reading ground truth {path}"
     if is_vector:
         return da.map_blocks(
-            _gt_vector_block, path, class_column, lookup, grid, nodata, line_buffer,
+            in_chunk(_gt_vector_block, where), path, class_column, lookup, grid, nodata, line_buffer,
             chunks=chunks, dtype=np.uint8, meta=_meta(np.uint8), token="tileseg-gt",
         )  # fmt: skip
     return da.map_blocks(
-        _gt_raster_block, path, grid, nodata, lookup,
+        in_chunk(_gt_raster_block, where), path, grid, nodata, lookup,
         chunks=chunks, dtype=np.int64, meta=_meta(np.int64), token="tileseg-gt",
     )  # fmt: skip
 
@@ -325,6 +423,7 @@ def unet_probabilities(
     batch_size: int,
     nodata: float | None,
     n_classes: int,
+    where: str = "segment (unet)",
 ) -> da.Array:
     """Lazy float32 (class, y, x) blended probabilities, chunked like ``image`` in (y, x).
 
@@ -336,12 +435,13 @@ def unet_probabilities(
     shape = image.shape[1:]
     chunks = ((n_classes,),) + image.chunks[1:]
     return da.map_blocks(
-        _unet_block, store, band_idx, shape, wgrid, kind, model_path, device, batch_size, nodata, n_classes,
+        in_chunk(_unet_block, where), store, band_idx, shape, wgrid, kind, model_path, device, batch_size, nodata,
+        n_classes,
         chunks=chunks, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32), token="tileseg-unet",
     )  # fmt: skip
 
 
-def argmax_labels(probs: da.Array, valid: da.Array, nodata: int) -> da.Array:
+def argmax_labels(probs: da.Array, valid: da.Array, nodata: int, where: str = "segment (unet)") -> da.Array:
     """uint8 (y, x): the most probable class (lowest id on ties), ``nodata`` where not valid."""
 
     def kernel(p: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -349,7 +449,7 @@ def argmax_labels(probs: da.Array, valid: da.Array, nodata: int) -> da.Array:
         out[~ok] = nodata
         return out
 
-    return da.map_blocks(kernel, probs, valid, drop_axis=0, dtype=np.uint8, meta=_meta(np.uint8))
+    return da.map_blocks(in_chunk(kernel, where), probs, valid, drop_axis=0, dtype=np.uint8, meta=_meta(np.uint8))
 
 
 def any_band_valid(image: da.Array, nodata: float | None) -> da.Array:
@@ -399,3 +499,53 @@ def evaluation(
     errors = da.map_blocks(error_codes, gt, pred, codes, pred_nodata, error_nodata, dtype=np.uint8,
                            meta=_meta(np.uint8), token="tileseg-errmap")  # fmt: skip
     return per_chunk.sum(axis=(0, 1)), errors
+
+
+def write_chunks(labels: da.Array, probabilities: da.Array | None, writer: Callable[..., None],
+                 where: str = "segment") -> da.Array:  # fmt: skip
+    """Lazy status array whose block (i, j) writes chunk (i, j) of ``labels`` (y, x) and, if
+    given, of ``probabilities`` (class, y, x), through ``writer``, then holds 1.
+
+    ``writer(index, window, labels_block, probabilities_block)`` gets the block index
+    (i, j) and the pixel window ((r0, r1), (c0, c1)) (see :class:`pipeline.io.store.ChunkWriter`).
+    Dask blocks must equal the storage chunks, so every task writes whole chunks that no
+    other task writes (design note "Writing chunks safely").
+
+    Returns:
+        int8 array of shape (nby, nbx), or (1, nby, nbx) with probabilities, one element per chunk.
+    """
+    nby, nbx = labels.numblocks
+    out_chunks: tuple[tuple[int, ...], ...] = ((1,) * nby, (1,) * nbx)
+    if probabilities is not None:
+        out_chunks = ((1,),) + out_chunks
+
+    def write(lab: np.ndarray, *probs: np.ndarray, block_info=None) -> np.ndarray:
+        index, window = _location(block_info)  # type: ignore[misc]
+        writer(index, window, lab, probs[0] if probs else None)
+        return np.ones((1,) * len(out_chunks), np.int8)
+
+    args = [labels] + ([probabilities] if probabilities is not None else [])
+    return da.map_blocks(in_chunk(write, where), *args, chunks=out_chunks, dtype=np.int8,
+                         meta=np.empty((0,) * len(out_chunks), np.int8), token="tileseg-write")  # fmt: skip
+
+
+def chunk_tasks(status: da.Array, todo: list[tuple[int, int]]) -> list[Any]:
+    """One Dask ``Delayed`` per chunk (i, j) in ``todo``, from :func:`write_chunks`' status array.
+
+    Computing them runs only those chunks' tasks (and what they depend on): a resumed run
+    builds no task for a finished chunk. The graph is optimized with Dask's blockwise fusion
+    (per-chunk kernels merge into one task, keeping their annotations, such as a GPU
+    resource) but without low-level fusion, which would drop the annotations
+    (``optimization.fuse.active: False``); and the Delayed objects share that layered graph
+    (``Array.to_delayed`` would collapse it into one layer, dropping them too).
+    """
+    from dask.delayed import Delayed
+
+    keys = status.__dask_keys__()
+    with dask.config.set({"optimization.fuse.active": False}):
+        graph = status.__dask_optimize__(status.__dask_graph__(), keys)
+    lead = (0,) if status.ndim == 3 else ()
+    first = (status.name, *lead, 0, 0)
+    # blockwise fusion renames the output layer (the keys stay): find it
+    layer = next(n for n in graph.layers if n.startswith(status.name) and first in graph.layers[n])
+    return [Delayed((status.name, *lead, i, j), graph, layer=layer) for i, j in todo]

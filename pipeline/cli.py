@@ -34,6 +34,9 @@ T = TypeVar("T")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML run config.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key.path=value (repeatable).")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace outputs of another run and recompute everything (same as --set overwrite=true). "
+    "Without it, a rerun reuses what it already finished and refuses another run's outputs.")]  # fmt: skip
 
 
 @app.callback()
@@ -84,9 +87,13 @@ def guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
-def load(config: Path | None, sets: list[str] | None) -> RunConfig:
-    """Load the run config for a command (defaults when no file is given)."""
-    return load_config(config, sets or [])
+def load(config: Path | None, sets: list[str] | None, overwrite: bool = False) -> RunConfig:
+    """Load the run config for a command (defaults when no file is given); ``overwrite``
+    (the ``--overwrite`` flag) sets ``overwrite: true``."""
+    cfg = load_config(config, sets or [])
+    if overwrite:
+        cfg.overwrite = True
+    return cfg
 
 
 def _with_cluster(cfg: RunConfig, fn: Callable[[], Any]) -> Any:
@@ -139,28 +146,31 @@ def ingest(
     store: Annotated[Path, typer.Argument(help="Output zarr store.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Rasters -> chunked zarr store with `image` (band, y, x)."""
+    """Rasters -> chunked zarr store with `image` (band, y, x); an up-to-date store is reused."""
     from pipeline import stages
 
     def go() -> Path:
-        cfg = load(config, set_)
-        return _with_cluster(cfg, lambda: stages.ingest(src, store, cfg.ingest, cfg.dask.progress))
+        cfg = load(config, set_, overwrite)
+        return _with_cluster(cfg, lambda: stages.ingest(src, store, cfg.ingest, cfg.dask.progress, cfg.overwrite))
 
     typer.echo(f"store: {guarded(go)}")
 
 
 @app.command()
 def segment(store: Annotated[Path, typer.Argument(help="Store from `tileseg ingest`.")],
-            config: ConfigOpt = None, set_: SetOpt = None) -> None:  # fmt: skip
-    """Segment the store's image (threshold / Otsu, k-means or U-Net) -> `labels` in the store."""
+            config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:  # fmt: skip
+    """Segment the store's image (threshold / Otsu, k-means or U-Net) -> `labels` in the store; resumes
+    an interrupted run chunk by chunk."""
     from pipeline import stages
 
     def go() -> Path:
-        cfg = load(config, set_)
+        cfg = load(config, set_, overwrite)
         return _with_cluster(
             cfg,
-            lambda: stages.segment(store, cfg.segment, cfg.classes, cfg.evaluate.ground_truth, cfg.dask.progress),
+            lambda: stages.segment(store, cfg.segment, cfg.classes, cfg.evaluate.ground_truth, cfg.dask.progress,
+                                   cfg.overwrite),  # fmt: skip
         )
 
     typer.echo(f"labels written to {guarded(go)}")
@@ -172,13 +182,14 @@ def stitch(
     out: Annotated[Path, typer.Argument(help="Output Cloud-Optimized GeoTIFF.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Store `labels` -> Cloud-Optimized GeoTIFF with overviews and a colour table."""
     from pipeline import stages
 
     def go() -> Path:
-        cfg = load(config, set_)
-        return stages.stitch(store, out, cfg.stitch, cfg.classes, cfg.dask.progress)
+        cfg = load(config, set_, overwrite)
+        return stages.stitch(store, out, cfg.stitch, cfg.classes, cfg.dask.progress, cfg.config_hash(), cfg.overwrite)
 
     typer.echo(f"COG: {guarded(go)}")
 
@@ -253,6 +264,7 @@ def evaluate(
     area_mask: Annotated[Path | None, typer.Option(help="Evaluation area: mask raster (non-zero = inside).")] = None,
     image: Annotated[Path | None, typer.Option(help="Image (store or raster) for valid(image) and the quicklook.")] = None,
     out_dir: Annotated[Path | None, typer.Option(help="Where the reports and error map go (default: next to PRED).")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Score PRED against GT: report.json, report.md, report.html and error_map.tif (COG)."""
     from pipeline import stages
@@ -260,7 +272,7 @@ def evaluate(
 
     def go() -> Any:
         cfg = evaluation_config(
-            load(config, set_), gt, classes=classes, class_column=class_column,
+            load(config, set_, overwrite), gt, classes=classes, class_column=class_column,
             class_map=_pairs(class_map or [], "--class-map") or None, gt_nodata=gt_nodata, pred_nodata=pred_nodata,
             ignore_gt=[_ref(v) for v in ignore_gt or []], ignore_pred=[_ref(v) for v in ignore_pred or []],
             line_buffer=line_buffer, area_bbox=_bbox_option(area_bbox) if area_bbox else None,
@@ -275,7 +287,8 @@ def evaluate(
             cfg,
             lambda: stages.evaluate(pred, ev.ground_truth, cfg.classes or None, ev.area, out_dir, cfg.ingest.chunk_size,
                                     cfg.dask.progress, prediction=ev.prediction, image=img, report=ev.report,
-                                    run_config_hash=cfg.config_hash(), image_optional=guessed),  # fmt: skip
+                                    run_config_hash=cfg.config_hash(), image_optional=guessed,
+                                    overwrite=cfg.overwrite),  # fmt: skip
         )
 
     result = guarded(go)

@@ -1,13 +1,25 @@
 """Choosing the Dask cluster, and computing with a progress bar.
 
 tileseg never schedules tiles itself: per-chunk work is a Dask graph, computed by
-whatever ``dask.distributed`` client is current (a LocalCluster started here, or an
-existing scheduler named in config), or by Dask's local scheduler when there is none.
+whatever ``dask.distributed`` client is current, or by Dask's local scheduler when there
+is none. :func:`dask_client` picks the cluster from :class:`~pipeline.config.DaskConfig`:
+
+1. ``scheduler_address`` set: connect to that scheduler (dask-jobqueue, Kubernetes, a
+   ``dask scheduler`` started by hand, ...) and leave it running afterwards;
+2. else, with worker processes, ``gpu_workers: auto`` and GPUs present: one worker
+   process per GPU, each seeing only its own GPU (``CUDA_VISIBLE_DEVICES``) and offering
+   the resource ``GPU=1``; U-Net inference tasks ask for that resource
+   (:func:`gpu_workers_present`), so each GPU runs one inference task at a time;
+3. else a ``LocalCluster`` of ``n_workers`` x ``threads_per_worker``.
+
+Workers of an existing cluster may offer ``GPU`` resources too (``dask worker
+--resources GPU=1``); the U-Net tasks then ask for them in the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -34,13 +46,78 @@ def current_client() -> Any | None:
         return None
 
 
+def gpu_count() -> int:
+    """Number of CUDA GPUs visible to this process (``torch.cuda.device_count()``).
+
+    Without an NVIDIA driver (no ``/dev/nvidiactl``) it is 0 without importing torch,
+    which takes seconds.
+    """
+    if not os.path.exists("/dev/nvidiactl"):
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def gpu_worker_specs(n_gpus: int, cfg: DaskConfig, visible: str | None = None) -> dict[str, dict[str, Any]]:
+    """``SpecCluster`` worker specs: one ``Nanny`` worker process per GPU.
+
+    Worker ``gpu-<i>`` sees only GPU i (``CUDA_VISIBLE_DEVICES`` set to the i-th entry of
+    ``visible``, this process's own ``CUDA_VISIBLE_DEVICES``, or to ``i``), so ``cuda``
+    inside it is that GPU, and offers the resource ``GPU=1``. Threads and memory limit per
+    worker come from ``cfg``.
+    """
+    from distributed import Nanny
+
+    ids = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(n_gpus)]
+    return {
+        f"gpu-{i}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": cfg.threads_per_worker,
+                "memory_limit": cfg.memory_limit,
+                "resources": {"GPU": 1},
+                "env": {"CUDA_VISIBLE_DEVICES": ids[i]},
+                "silence_logs": logging.CRITICAL,
+            },
+        }
+        for i in range(n_gpus)
+    }
+
+
+def gpu_workers_present(client: Any | None = None) -> bool:
+    """True when the current (or given) client's cluster has a worker offering a ``GPU`` resource."""
+    client = client or current_client()
+    if client is None:
+        return False
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return any((w.get("resources") or {}).get("GPU", 0) > 0 for w in workers.values())
+
+
+def _gpu_cluster(cfg: DaskConfig) -> Any | None:
+    """A SpecCluster of GPU workers (:func:`gpu_worker_specs`) when ``cfg`` allows one and GPUs are present."""
+    if cfg.gpu_workers == "off" or not cfg.processes:
+        return None
+    n = gpu_count()
+    if n == 0:
+        return None
+    from distributed import Scheduler, SpecCluster
+
+    log.info("%d GPU(s): one Dask worker per GPU, each with the resource GPU=1", n)
+    return SpecCluster(
+        workers=gpu_worker_specs(n, cfg, os.environ.get("CUDA_VISIBLE_DEVICES")),
+        scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+        silence_logs=logging.CRITICAL,
+    )
+
+
 @contextmanager
 def dask_client(cfg: DaskConfig) -> Iterator[Any]:
     """Start (or connect to) the Dask cluster described by ``cfg`` for the duration of a block.
 
     With ``cfg.scheduler_address`` it connects to that scheduler and leaves it running
-    afterwards; otherwise it starts a ``LocalCluster`` and closes it at the end.
-    The dashboard link is logged.
+    afterwards; otherwise it starts one worker per GPU when there are GPUs (see the module
+    docstring), else a ``LocalCluster``, and closes it at the end. The dashboard link is logged.
 
     Raises:
         ClusterError: the scheduler cannot be reached.
@@ -56,6 +133,8 @@ def dask_client(cfg: DaskConfig) -> Iterator[Any]:
         try:
             if cfg.scheduler_address:
                 client = Client(cfg.scheduler_address, timeout="20s")
+            elif (cluster := _gpu_cluster(cfg)) is not None:
+                client = Client(cluster)
             else:
                 cluster = LocalCluster(
                     n_workers=cfg.n_workers,

@@ -365,6 +365,12 @@ class DaskConfig(_Model):
     memory_limit: str = Field(default="4GiB", description="Per worker, for the LocalCluster.")
     processes: bool = Field(default=True, description="LocalCluster workers as processes (True) or threads.")
     progress: bool = Field(default=True, description="Show a progress bar for each stage.")
+    gpu_workers: Literal["auto", "off"] = Field(
+        default="auto",
+        description="'auto': without scheduler_address, with worker processes and GPUs present "
+        "(torch.cuda.device_count() > 0), start one worker per GPU (pinned with CUDA_VISIBLE_DEVICES, "
+        "resource GPU=1) instead of n_workers; U-Net inference tasks then ask for a GPU. 'off': CPU workers only.",
+    )
 
 
 class RunConfig(_Model):
@@ -391,6 +397,11 @@ class RunConfig(_Model):
     )
     microscopy: MicroscopyConfig = Field(
         default_factory=lambda: MicroscopyConfig(), description="Options for microscopy inputs (TIFF, OME-TIFF, zarr)."
+    )
+    overwrite: bool = Field(
+        default=False,
+        description="Replace outputs of another run and recompute every stage (the CLI's --overwrite). "
+        "Default: reuse what this run already finished, refuse another run's outputs.",
     )
     # Last, and left out of model_dump (so of config_hash and of a deployment's parameters):
     # scheduling does not change a run's results. Defined at the end of this module.
@@ -432,8 +443,9 @@ class RunConfig(_Model):
         return [c.name for c in self.classes]
 
     def config_hash(self) -> str:
-        """See :func:`config_hash`."""
-        return config_hash(self)
+        """:func:`config_hash` of this config without ``dask`` and ``overwrite``, which change
+        no output: the identity of a run's outputs (see :mod:`pipeline.resume`)."""
+        return config_hash(self.model_dump(mode="json", exclude={"dask", "overwrite"}))
 
 
 def config_hash(config: BaseModel | dict[str, Any]) -> str:

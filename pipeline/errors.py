@@ -13,6 +13,15 @@ from __future__ import annotations
 class TilesegError(Exception):
     """Root of all tileseg errors."""
 
+    def __reduce__(self):  # type: ignore[override]
+        # Errors raised in a Dask worker process are pickled to the client; keep ``errno``
+        # (an OSError slot that plain exception pickling drops), so retries can still tell
+        # a full disk from a flaky read.
+        state = dict(getattr(self, "__dict__", {}))
+        if isinstance(self, OSError) and self.errno is not None:
+            state["errno"] = self.errno
+        return (type(self), self.args, state)
+
 
 class ConfigError(TilesegError, ValueError):
     """A run config is invalid (unknown key, wrong type, inconsistent values)."""
@@ -68,3 +77,15 @@ def io_failure(action: str, path: object, exc: BaseException) -> RasterIOError:
     failure = RasterIOError(f"{action} {path} failed: {reason}; {hint}")
     failure.errno = code  # kept, so that callers (retries) can tell a full disk from a flaky read
     return failure
+
+
+class OutputExistsError(TilesegError, FileExistsError):
+    """An output path already holds another run's output; ``--overwrite`` replaces it."""
+
+
+class ChunkError(TilesegError, RuntimeError):
+    """An unexpected error inside a per-chunk task, re-raised with the stage, chunk and input.
+
+    Errors that already are :class:`TilesegError` keep their own type instead (see
+    :func:`pipeline.apply.in_chunk`); this one wraps everything else.
+    """

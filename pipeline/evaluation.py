@@ -268,6 +268,7 @@ def evaluate(
     report: ReportConfig | None = None,
     run_config_hash: str | None = None,
     image_optional: bool = False,
+    overwrite: bool = False,
 ) -> EvaluationResult:
     """Compare a label raster (any GeoTIFF/COG of integer class ids, or a tileseg store)
     with ground truth, and write the report files and the error map.
@@ -293,9 +294,12 @@ def evaluate(
         report: quicklook bands and size, checksums on/off.
         run_config_hash: hash of the run config to record; default: the hash of this
             call's evaluation settings.
+        overwrite: replace a report of another run (another ``config_hash``) in ``out_dir``;
+            without it such a report is refused, while this run's own report is replaced.
 
-    Writes (each under a temporary name, renamed when complete; the reports last and
-    together): ``error_map.tif`` (COG; 1 correct, 2 wrong, 0 excluded, the prediction's
+    Writes (each under a temporary name; renamed together, in this order, once all are
+    complete, so ``report.json`` appears last and a failed run leaves the earlier set
+    whole): ``error_map.tif`` (COG; 1 correct, 2 wrong, 0 excluded, the prediction's
     nodata where it has none), ``report.html``, ``report.md``, ``report.json``.
 
     Raises:
@@ -303,7 +307,10 @@ def evaluate(
             does not overlap the prediction, bad vector ground truth.
         ConfigError: a class named in ignore_classes or class_map is not in the class list.
         RasterIOError: unreadable inputs, unwritable outputs.
+        OutputExistsError: ``out_dir`` holds another run's report (and not ``overwrite``).
     """
+    from pipeline.resume import check_report
+
     pred = Path(pred)
     prediction = prediction or PredictionConfig()
     report = report or ReportConfig()
@@ -333,9 +340,18 @@ def evaluate(
     if img is not None:
         looks += [img.data[_rgb_indices(img.band_names, report.rgb_bands)][:, rows, cols], valid[rows, cols]]
 
+    settings = {
+        "prediction": str(pred), "ground_truth": gt.model_dump(mode="json"), "class_names": names,
+        "area": area.model_dump(mode="json") if area else None, "prediction_options": prediction.model_dump(mode="json"),
+        "image": str(image) if image else None,
+    }  # fmt: skip
+    key = run_config_hash or config_hash(settings)
     out_dir = Path(out_dir) if out_dir else pred.parent
+    check_report(out_dir, key, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_errors = files.tmp_sibling(out_dir / "error_map.zarr")
+    error_map = out_dir / "error_map.tif"
+    tmp_error_map = files.tmp_sibling(error_map)
     try:
         counts, _, *looks = compute(counts, zstore.write_array(errors, tmp_errors), *looks,
                                     label="evaluate: confusion matrix and error map", progress=progress,
@@ -350,49 +366,50 @@ def evaluate(
         del excluded["out_of_range"]
         ignored = [c for c in gt_ignore + pred_ignore if 0 <= c < k]
         metrics = semantic_metrics(counts[: k * k].reshape(k, k), excluded, ignored)
-        error_map = _write_error_map(tmp_errors, out_dir / "error_map.tif", p.grid, err_nodata)
+        _write_error_map(tmp_errors, tmp_error_map, p.grid, err_nodata)
+    except BaseException:
+        tmp_error_map.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(tmp_errors, ignore_errors=True)
 
-    # class colours: the prediction COG's colour table for the classes it names, else config colours / palette
-    colours = class_colormap(names, infos)
-    cog_ids = range(len(p.class_names) if p.class_names else k)
-    colours = {c: tuple((p.colormap or {}).get(c, colours[c])) if c in cog_ids else colours[c] for c in range(k)}
-    settings = {
-        "prediction": str(pred), "ground_truth": gt.model_dump(mode="json"), "class_names": names,
-        "area": area.model_dump(mode="json") if area else None, "prediction_options": prediction.model_dump(mode="json"),
-        "image": str(image) if image else None,
-    }  # fmt: skip
-    inputs: dict[str, Any] = {"prediction": pred, "ground_truth": gt.path}
-    if img is not None:
-        inputs["image"] = img.path
-    if area is not None and area.bbox is None:
-        inputs["area"] = area.polygons or area.mask
-    doc = rep.report_dict(
-        metrics,
-        names,
-        inputs={k2: (files.checksum(v) if report.checksums else {"path": str(v)}) for k2, v in inputs.items()},
-        grid=p.grid,
-        context={
-            "config_hash": run_config_hash or config_hash(settings),
-            "config_hash_of": "run config" if run_config_hash else "evaluation settings",
-            "area": area.describe() if area else "whole raster",
-            "image_validity": image_note,
-            "ground_truth_options": gt.model_dump(mode="json", exclude={"path"}),
-            "prediction_options": {**prediction.model_dump(mode="json"), "nodata_used": p.nodata},
-            "error_map": {"path": str(error_map), "values": {"0": "excluded", "1": "correct", "2": "wrong"},
-                          "nodata": err_nodata},  # fmt: skip
-            "colours": {names[c]: "#%02x%02x%02x" % v[:3] for c, v in colours.items()},
-        },
-    )
-    quick = report_html.Quicklook.from_arrays(looks, step, window)
-    texts = {
-        "html": report_html.render(doc, metrics, names, colours, quick, p.grid.bounds(window)),
-        "md": rep.markdown(doc),
-        "json": json.dumps(doc, indent=2) + "\n",  # last: its presence means the set is complete
-    }
-    paths = {n: out_dir / f"report.{n}" for n in texts}
-    files.publish_texts([(paths[n], text) for n, text in texts.items()])
+    try:  # the error map waits under its temporary name until the reports are ready
+        # class colours: the prediction COG's colour table for the classes it names, else config colours / palette
+        colours = class_colormap(names, infos)
+        cog_ids = range(len(p.class_names) if p.class_names else k)
+        colours = {c: tuple((p.colormap or {}).get(c, colours[c])) if c in cog_ids else colours[c] for c in range(k)}
+        inputs: dict[str, Any] = {"prediction": pred, "ground_truth": gt.path}
+        if img is not None:
+            inputs["image"] = img.path
+        if area is not None and area.bbox is None:
+            inputs["area"] = area.polygons or area.mask
+        doc = rep.report_dict(
+            metrics,
+            names,
+            inputs={k2: (files.checksum(v) if report.checksums else {"path": str(v)}) for k2, v in inputs.items()},
+            grid=p.grid,
+            context={
+                "config_hash": key,
+                "config_hash_of": "run config" if run_config_hash else "evaluation settings",
+                "area": area.describe() if area else "whole raster",
+                "image_validity": image_note,
+                "ground_truth_options": gt.model_dump(mode="json", exclude={"path"}),
+                "prediction_options": {**prediction.model_dump(mode="json"), "nodata_used": p.nodata},
+                "error_map": {"path": str(error_map), "values": {"0": "excluded", "1": "correct", "2": "wrong"},
+                              "nodata": err_nodata},  # fmt: skip
+                "colours": {names[c]: "#%02x%02x%02x" % v[:3] for c, v in colours.items()},
+            },
+        )
+        quick = report_html.Quicklook.from_arrays(looks, step, window)
+        texts = {
+            "html": report_html.render(doc, metrics, names, colours, quick, p.grid.bounds(window)),
+            "md": rep.markdown(doc),
+            "json": json.dumps(doc, indent=2) + "\n",  # last: its presence means the set is complete
+        }
+        paths = {n: out_dir / f"report.{n}" for n in texts}
+        files.publish_texts([(paths[n], text) for n, text in texts.items()], written=[(tmp_error_map, error_map)])
+    finally:
+        tmp_error_map.unlink(missing_ok=True)
     return EvaluationResult(metrics, names, paths["json"], paths["md"], paths["html"], error_map, doc)
 
 

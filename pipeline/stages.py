@@ -4,20 +4,29 @@ Each stage takes typed config and paths and returns paths or a result object; th
 module and :mod:`pipeline.evaluation` (the evaluate stage, re-exported here) are the
 only ones that mix I/O with compute. Per-chunk work runs on whatever Dask
 client is current (see :mod:`pipeline.cluster`); no stage imports Prefect.
+
+Every stage is safe to interrupt and repeat (see :mod:`pipeline.resume`): ingest reuses
+a store made from the same inputs and config, segment resumes chunk by chunk and does
+nothing when its labels are up to date, stitch skips an up-to-date COG, and each refuses
+to replace another run's output unless ``overwrite``. Outputs are written under
+temporary names and published by a rename (the labels: when every chunk is written).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import apply
+import dask
+
+from pipeline import apply, resume
 from pipeline.classes import class_colormap
-from pipeline.cluster import compute
+from pipeline.cluster import compute, gpu_workers_present
 from pipeline.config import (
     LABEL_NODATA,
     AreaConfig,
@@ -30,6 +39,7 @@ from pipeline.config import (
     StitchConfig,
     TrainConfig,
     UNetConfig,
+    config_hash,
 )
 from pipeline.errors import InputError
 from pipeline.grid import Grid, iter_windows
@@ -41,20 +51,30 @@ log = logging.getLogger("tileseg")
 
 
 # --------------------------------------------------------------------------- ingest
-def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool = True) -> Path:
+def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool = True,
+           overwrite: bool = False) -> Path:  # fmt: skip
     """Rasters -> zarr v3 store with ``image`` (band, y, x), chunked (all bands, T, T).
 
     All bands are resampled onto one target grid (``cfg.grid``; default the
     finest band's grid) with GDAL's warper, window by window on Dask, so peak memory
     depends on T and the band count, not on the raster size. The store is written
-    under a temporary name and renamed onto ``store`` when complete.
+    under a temporary name and renamed onto ``store`` when complete. Its root attribute
+    ``tileseg_ingest`` records the inputs (absolute path, size, mtime_ns) and the ingest
+    config hash; an existing store with the same record is reused (nothing is read),
+    one from the same paths whose files or config changed is re-ingested (see
+    :mod:`pipeline.resume`).
+
+    Args:
+        overwrite: re-ingest even an up-to-date store, and replace a store made from
+            other inputs (refused otherwise).
 
     Returns:
         ``store``.
 
     Raises:
         RasterIOError: an input is missing or unreadable, or the store cannot be written.
-        InputError: inconsistent inputs (band names, CRS).
+        InputError: inconsistent inputs (band names, CRS); ``store`` is not a store or is an input.
+        OutputExistsError: ``store`` was ingested from other inputs (and not ``overwrite``).
     """
     bands = rio_io.describe_sources(sources, cfg.band_names)
     grid = rio_io.target_grid(bands, cfg.grid.reference, cfg.grid.resolution, cfg.allow_no_crs)
@@ -72,10 +92,19 @@ def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool =
         raise InputError(f"the store path {store} is (or contains) one of the inputs; choose another path")
     from pipeline.evaluation import check_overlap
 
+    verdict, why = resume.store_verdict(store, sources, cfg)
+    if verdict == "same" and not overwrite:
+        log.info("store %s is up to date (same inputs, sizes, mtimes and ingest config): reusing it", store)
+        return store
+    if verdict == "other" and not overwrite:
+        raise resume.refuse_store(store, why)
+    if verdict is not None:
+        log.info("re-ingesting %s: %s", store, why or "--overwrite")
     for b in {b.path: b for b in bands}.values():  # a band entirely off the grid would read as all nodata
         check_overlap(grid, b.grid.bounds(), b.grid.crs_wkt, f"input {b.path}", "the target grid")
-    image = apply.read_image(bands, grid, cfg.chunk_size, cfg.grid.resampling, nodata)
+    image = apply.read_image(bands, grid, cfg.chunk_size, cfg.grid.resampling, nodata, where=f"ingest -> {store}")
     ds = zstore.image_dataset(image, grid, [b.name for b in bands], nodata)
+    ds.attrs[resume.MANIFEST_ATTR] = resume.ingest_manifest(sources, cfg)
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_name(f".{store.name}.partial")
     if tmp.exists():
@@ -182,8 +211,9 @@ def segment(
     classes: list[ClassInfo] | None = None,
     ground_truth: GroundTruthConfig | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Classical segmentation of the store's ``image`` into ``labels`` (y, x), uint8.
+    """Segmentation of the store's ``image`` into ``labels`` (y, x), uint8.
 
     Methods: ``threshold`` (band or index expression; fixed value or Otsu on the
     whole-raster histogram), ``kmeans`` (fitted once on a seeded sample of the whole
@@ -193,14 +223,31 @@ def segment(
     ``labels`` is ``LABEL_NODATA`` (255) where any band used is nodata (for ``unet``:
     where all its bands are). The result does not depend on the chunking of the store.
 
+    Resumable (see :mod:`pipeline.resume`): the global parameters (Otsu threshold, k-means
+    fit) are computed first; with them the *segment key* is known. ``labels`` with that key
+    are up to date and nothing is done. Otherwise each chunk task writes its chunk into
+    ``labels_partial`` and then a completion marker; a rerun with the same key computes
+    only the chunks without a marker, and another key starts ``labels_partial`` afresh.
+    ``labels_partial`` replaces ``labels`` when every chunk is written, so a failed or
+    killed run leaves earlier labels intact (and its finished chunks for the next run).
+
+    Args:
+        overwrite: recompute every chunk, even of up-to-date labels or a resumable run.
+
     Returns:
         ``store``.
 
     Raises:
         InputError, ConfigError: unknown bands, no valid pixels, inconsistent options.
+        TilesegError: an error inside a chunk task, naming the chunk (see :class:`pipeline.apply.in_chunk`).
     """
+    store = Path(store)
     ds = zstore.open_store(store)
-    image = ds[zstore.IMAGE].data
+    if zstore.IMAGE not in ds:
+        raise InputError(f"{store} has no image; run `tileseg ingest` first")
+    where = f"segment ({cfg.method}) of {store}"
+    image = apply.read_store_image(str(store), ds[zstore.IMAGE].shape, ds[zstore.IMAGE].data.chunks,
+                                   ds[zstore.IMAGE].dtype, where)  # fmt: skip
     band_names = list(ds[zstore.IMAGE].attrs["band_names"])
     nodata = ds[zstore.IMAGE].attrs.get("nodata")
     grid = zstore.store_grid(ds)
@@ -209,14 +256,14 @@ def segment(
 
     probabilities = None
     if cfg.method == "unet":
-        labels, probabilities, extra, class_names = _unet_labels(Path(store), image, band_names, nodata, cfg.unet,
-                                                                 class_names)  # fmt: skip
+        labels, probabilities, extra, class_names = _unet_labels(store, image, band_names, nodata, cfg.unet,
+                                                                 class_names, where)  # fmt: skip
         attrs.update(extra)
     elif cfg.method == "threshold":
         tc = cfg.threshold
         expr = Expression.parse(tc.expression, band_names)
         valid = apply.valid_mask(image, [band_names.index(n) for n in expr.names], nodata)
-        values = apply.index_image(image, band_names, expr)
+        values = apply.index_image(image, band_names, expr, where)
         if tc.value is None:
             lo, hi = compute(*apply.finite_range(values, valid), label="otsu: value range", progress=progress)
             if not np.isfinite(lo):
@@ -225,12 +272,13 @@ def segment(
                 raise InputError(f"every valid pixel of {tc.expression!r} is {float(lo):g}: Otsu needs two values; "
                                  "set segment.threshold.value")  # fmt: skip
             edges = np.linspace(float(lo), float(hi) if hi > lo else float(lo) + 1.0, tc.bins + 1)
-            (counts,) = compute(apply.global_histogram(values, valid, edges), label="otsu: histogram", progress=progress)
+            (counts,) = compute(apply.global_histogram(values, valid, edges, where), label="otsu: histogram",
+                                progress=progress)  # fmt: skip
             threshold = otsu_threshold(np.asarray(counts), edges)
             log.info("Otsu threshold of %s: %.6g", tc.expression, threshold)
         else:
             threshold = tc.value
-        labels = apply.threshold_labels(values, valid, threshold, LABEL_NODATA)
+        labels = apply.threshold_labels(values, valid, threshold, LABEL_NODATA, where)
         attrs.update(expression=tc.expression, threshold=threshold, otsu=tc.value is None)
         if not class_names:
             class_names = ["below", "above"]
@@ -253,7 +301,7 @@ def segment(
         mapping = None
         if kc.map_to_classes:
             assert ground_truth is not None and kc.train_area is not None  # checked by RunConfig
-            clusters = apply.kmeans_labels(image, idx, model, valid, LABEL_NODATA)
+            clusters = apply.kmeans_labels(image, idx, model, valid, LABEL_NODATA, where=where)
             gt, gt_nodata = _gt_array(ground_truth, grid, clusters.chunks, class_names)
             area = apply.area_mask(grid, clusters.chunks, _bbox(kc.train_area))
             size = max(kc.n_clusters, len(class_names))
@@ -266,27 +314,22 @@ def segment(
             mapping = majority_mapping(contingency, model.centroids)
             attrs["cluster_to_class"] = mapping.tolist()
             log.info("cluster -> class: %s", {k: class_names[c] for k, c in enumerate(mapping)})
-        labels = apply.kmeans_labels(image, idx, model, valid, LABEL_NODATA, mapping)
+        labels = apply.kmeans_labels(image, idx, model, valid, LABEL_NODATA, mapping, where)
         attrs.update(bands=feats, centroids=model.centroids.tolist(), seed=kc.seed)
         if mapping is None and not class_names:
             class_names = [f"cluster_{k}" for k in range(kc.n_clusters)]
     attrs["class_names"] = class_names
-    try:
-        compute(
-            zstore.write_labels(Path(store), labels, grid, attrs, probabilities),
-            label=f"segment ({cfg.method})",
-            progress=progress,
-            writes=f"labels in {store}",
-        )
-    except BaseException:
-        zstore.discard_partial_labels(Path(store))
-        raise
-    zstore.publish_labels(Path(store))
-    return Path(store)
+    resume.write_labels(store, cfg, labels, probabilities, grid, attrs, where, progress, overwrite)
+    return store
 
 
-def _unet_labels(store: Path, image, band_names, nodata, cfg: UNetConfig, class_names: list[str]):
-    """Lazy labels and probabilities of the U-Net path, plus label attributes and class names."""
+def _unet_labels(store: Path, image, band_names, nodata, cfg: UNetConfig, class_names: list[str], where: str):
+    """Lazy labels and probabilities of the U-Net path, plus label attributes and class names.
+
+    When the Dask cluster has workers with a ``GPU`` resource (see :mod:`pipeline.cluster`),
+    the inference tasks ask for one (``dask.annotate(resources={"GPU": 1})``), so they run
+    one at a time per GPU worker while CPU work goes anywhere.
+    """
     from pipeline.blend import WindowGrid
     from pipeline.segment.unet import check_bands, describe, load_spec, resolve_device
 
@@ -299,12 +342,16 @@ def _unet_labels(store: Path, image, band_names, nodata, cfg: UNetConfig, class_
     device = resolve_device(cfg.device)
     log.info("U-Net %s on %s: window %d, stride %d, %s blending", describe(spec), device, wgrid.window,
              wgrid.stride, cfg.blend)  # fmt: skip
-    probs = apply.unet_probabilities(
-        str(store), image, band_idx, wgrid, cfg.blend, str(cfg.model), device, cfg.batch_size,
-        nodata, len(spec.classes),
-    )  # fmt: skip
+    gpu = gpu_workers_present()
+    if gpu:
+        log.info("U-Net inference tasks ask for a GPU worker (resource GPU=1)")
+    with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
+        probs = apply.unet_probabilities(
+            str(store), image, band_idx, wgrid, cfg.blend, str(cfg.model), device, cfg.batch_size,
+            nodata, len(spec.classes), where,
+        )  # fmt: skip
     valid = apply.any_band_valid(image[band_idx], nodata)
-    labels = apply.argmax_labels(probs, valid, LABEL_NODATA)
+    labels = apply.argmax_labels(probs, valid, LABEL_NODATA, where)
     attrs = {"model": str(cfg.model), "window": wgrid.window, "stride": wgrid.stride, "blend": cfg.blend}
     out_probs = probs.astype(np.float16) if cfg.probabilities else None
     return labels, out_probs, attrs, list(spec.classes)
@@ -316,7 +363,7 @@ def _bbox(b: BBox) -> tuple[float, float, float, float]:
 
 # --------------------------------------------------------------------------- stitch
 def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] | None = None,
-           progress: bool = True) -> Path:  # fmt: skip
+           progress: bool = True, run_key: str | None = None, overwrite: bool = False) -> Path:  # fmt: skip
     """Store ``labels`` -> single-band Cloud-Optimized GeoTIFF.
 
     Tiled (``cfg.blocksize``), compressed, internal overviews resampled with NEAREST
@@ -325,14 +372,30 @@ def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] |
     transform and shape. One process writes the file (design note), reading the store
     chunk by chunk; the file appears under its name only when complete.
 
+    The COG records the run that wrote it (tag ``TILESEG_RUN``: ``run_key``, by default a
+    hash of ``cfg`` and ``classes``) and the segment key of its labels (``TILESEG_LABELS``).
+    An existing COG of the same run showing the same labels is up to date and kept; one of
+    the same run with other labels is replaced; one of another run is refused.
+
+    Args:
+        run_key: identity of the run (the run config hash, for the flow and the CLI).
+        overwrite: replace the COG even when up to date or written by another run.
+
     Raises:
         InputError: the store has no labels (run segment first).
         RasterIOError: the COG cannot be written.
+        OutputExistsError: ``out`` belongs to another run (and not ``overwrite``).
     """
     ds = zstore.open_store(store)
     if zstore.LABELS not in ds:
         raise InputError(f"{store} has no labels; run `tileseg segment {store}` first")
     labels = ds[zstore.LABELS]
+    owner = run_key or config_hash({"stitch": cfg.model_dump(mode="json"),
+                                    "classes": [c.model_dump(mode="json") for c in classes or []]})  # fmt: skip
+    labels_key = labels.attrs.get(zstore.SEGMENT_KEY)
+    if resume.cog_state(Path(out), owner, labels_key, overwrite) == "current":
+        log.info("%s is up to date (same run, same labels): nothing to do", out)
+        return Path(out)
     grid = zstore.store_grid(ds)
     class_names = list(labels.attrs.get("class_names") or [c.name for c in classes or []])
     nodata = labels.attrs.get("nodata", LABEL_NODATA)
@@ -345,12 +408,13 @@ def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] |
             arr = labels.isel(y=slice(w.row_off, w.row_off + w.height), x=slice(w.col_off, w.col_off + w.width))
             yield w, np.asarray(arr.values)
 
+    tags = {resume.OWNER_TAG: owner, **({resume.LABELS_TAG: labels_key} if labels_key else {})}
     try:
         rio_io.write_cog(
             out, grid, str(labels.dtype), nodata, blocks(),
             colormap=class_colormap(class_names, classes) if labels.dtype == np.uint8 else None,
             class_names=class_names, blocksize=cfg.blocksize, compress=cfg.compress,
-            overview_resampling=cfg.overview_resampling, on_block=lambda: bar.update(1),
+            overview_resampling=cfg.overview_resampling, on_block=lambda: bar.update(1), tags=tags,
         )  # fmt: skip
     finally:
         bar.close()

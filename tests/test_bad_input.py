@@ -218,8 +218,8 @@ def test_write_error_while_ingesting(small, tmp_path, processes):
 
 def test_write_error_while_stitching_keeps_the_previous_cog(small, tmp_path):
     out = tmp_path / "labels.tif"
-    out.write_bytes(b"previous")
-    r = _run("stitch", str(small["store"]), str(out), *FAST, preexec=_file_size_limit(4_000))
+    out.write_bytes(b"previous")  # not a COG of this run: replacing it takes --overwrite
+    r = _run("stitch", str(small["store"]), str(out), "--overwrite", *FAST, preexec=_file_size_limit(4_000))
     # GDAL's bundled libtiff prints "_tiffWriteProc: File too large." itself
     _fails(r, "writing COG", str(out), "free space", native_noise="_tiff")  # GDAL gives no errno
     assert out.read_bytes() == b"previous"

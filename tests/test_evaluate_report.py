@@ -362,7 +362,8 @@ def test_area_as_polygons_or_mask_equals_the_expected_pixels(small, tmp_path):
     synth.write_tif(tmp_path / "mask.tif", mask, nodata=255)
     gt = _gt(s)
     for area, want in ((AreaConfig(polygons=tmp_path / "area.geojson"), inside), (AreaConfig(mask=tmp_path / "mask.tif"), inside_mask)):
-        out = stages.evaluate(s["pred_tif"], gt, NAMES, area, tmp_path / "o", 64, progress=False)
+        # one output folder per area: a report of other settings is never replaced without overwrite
+        out = stages.evaluate(s["pred_tif"], gt, NAMES, area, tmp_path / area.describe()[:4], 64, progress=False)
         keep = (s["gt"] != 255) & (s["gt"] != 9) & (s["pred"] != 255) & want
         np.testing.assert_array_equal(out.metrics.confusion, confusion_matrix(s["gt"][keep], s["pred"][keep], labels=range(K)))
         assert out.metrics.excluded["outside_area"] == (~want).sum()

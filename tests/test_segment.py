@@ -16,7 +16,7 @@ from pipeline.config import (
     SegmentConfig,
     ThresholdConfig,
 )
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import ChunkError, ConfigError, InputError
 from pipeline.segment.classical import Expression
 
 CHUNKINGS = [128, 256, 512, 1024]  # 1024 > 1000 x 777: one single chunk
@@ -110,14 +110,16 @@ def test_expression_rejects_code_and_unknown_bands():
     np.testing.assert_allclose(vals, [0.0])
 
 
-def test_failed_segment_keeps_earlier_labels_and_leaves_no_partial_array(scene, tmp_path):
+def test_failed_segment_keeps_earlier_labels_and_names_the_chunk(scene, tmp_path):
     store = stages.ingest([scene["tif"]], tmp_path / "s.zarr", IngestConfig(chunk_size=256), progress=False)
     before = _labels(store, OTSU).values
     bad = SegmentConfig(method="threshold", threshold=ThresholdConfig(expression="B03 + 9**9**9", value=1))
-    with pytest.raises(OverflowError):  # raised inside the Dask tasks, half-way through the write
+    # raised inside the Dask tasks, half-way through the write; the message names stage, store and chunk
+    with pytest.raises(ChunkError, match=r"segment \(threshold\) of .*s\.zarr, chunk \(\d, \d\) rows \d+:\d+ "
+                                         r"cols \d+:\d+: OverflowError"):  # fmt: skip
         stages.segment(store, bad, progress=False)
     ds = xr.open_zarr(store)
-    assert "labels_partial" not in ds and not (store / "labels_partial").exists()
+    # the unfinished labels stay under labels_partial (for a resumed run), never under labels
     np.testing.assert_array_equal(ds["labels"].values, before)
     assert ds["labels"].attrs["otsu"] is True
 

@@ -71,16 +71,18 @@ def tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def publish_texts(items: list[tuple[Path, str]]) -> None:
+def publish_texts(items: list[tuple[Path, str]], written: list[tuple[Path, Path]] | None = None) -> None:
     """Write several text files so that none appears half-written: each goes to a
     temporary sibling first; when all are written, they are renamed onto their names in
-    order (so the last one appears last). On failure the temporaries are removed and the
-    existing files are left as they were.
+    order (so the last one appears last). ``written`` are files already complete under a
+    temporary name, as (temporary, final) pairs: they are renamed first, in the same step.
+    On failure the temporaries are removed and the existing files are left as they were.
 
     Raises:
         RasterIOError: a file cannot be written or renamed.
     """
-    staged: list[tuple[Path, Path]] = []
+    staged: list[tuple[Path, Path]] = list(written or [])
+    path = staged[0][1] if staged else Path(".")
     try:
         for path, text in items:
             tmp = tmp_sibling(path)

@@ -279,6 +279,7 @@ def write_cog(
     on_block: Callable[[], None] | None = None,
     description: str = "labels",
     band_descriptions: list[str] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Path:
     """Write a Cloud-Optimized GeoTIFF (one band, or ``len(band_descriptions)`` bands) from
     (window, array) blocks, from one process.
@@ -296,6 +297,7 @@ def write_cog(
         colormap: class id -> RGBA, embedded as the colour table.
         class_names: stored as the ``CLASS_NAMES`` tag (JSON list; id = position).
         description: the band description (with ``class_names``).
+        tags: more dataset tags (for example which run wrote the file).
 
     Raises:
         RasterIOError: the output cannot be written.
@@ -339,6 +341,8 @@ def write_cog(
                 dst.set_band_description(1, description)
             for i, text in enumerate(band_descriptions or [], 1):
                 dst.set_band_description(i, text)
+            if tags:
+                dst.update_tags(**tags)
         with rasterio.Env():
             rasterio.shutil.copy(
                 tiled,

@@ -13,8 +13,10 @@ and without warnings.
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,8 @@ def _coords(grid: Grid) -> dict[str, Any]:
 
 
 def _to_zarr(ds: xr.Dataset, path: Path, mode: str, encoding: dict[str, Any]) -> Any:
+    if mode == "a":  # appending replaces the group's attributes: keep the store's (the ingest manifest)
+        ds = ds.assign_attrs({**read_root_attrs(path), **ds.attrs})
     with warnings.catch_warnings():
         # zarr v3 warns that consolidated metadata is an extension; xarray relies on it.
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
@@ -94,7 +98,7 @@ def _drop_variable(store: Path, name: str) -> None:
 
     group = zarr.open_group(store, mode="r+", zarr_format=3)
     if name in group:
-        del group[name]
+        del group[name]  # the whole directory, with anything inside it (such as chunk markers)
         _consolidate(store)
 
 
@@ -102,51 +106,149 @@ def _partial(name: str) -> str:
     return f"{name}_partial"
 
 
-def write_labels(
+#: Sidecar directory of per-chunk completion markers, inside the partial labels array
+#: (zarr never looks into an array's directory for anything but zarr.json and chunks).
+DONE_DIR = ".chunks_done"
+
+#: Attribute holding the key of the segment run that wrote an array (see :mod:`pipeline.resume`).
+SEGMENT_KEY = "segment_key"
+
+
+def create_partial_labels(
     store: Path,
     labels: da.Array,
     grid: Grid,
     attrs: dict[str, Any],
     probabilities: da.Array | None = None,
-) -> Any:
-    """Prepare writing ``labels`` (y, x) (and optionally ``probabilities`` (class, y, x),
-    float16) into an existing store; returns a Dask delayed to compute.
+) -> None:
+    """Create empty ``labels_partial`` (y, x) (and ``probabilities_partial`` (class, y, x),
+    float16) arrays in an existing store, with their metadata and attributes, and an empty
+    marker directory; leftovers of an earlier unfinished run are removed first.
 
-    The arrays are written as ``labels_partial`` / ``probabilities_partial``; only
-    :func:`publish_labels` (after the compute succeeded) renames them onto ``labels`` /
-    ``probabilities``, replacing the earlier ones whole. A failed or killed run therefore
-    never leaves a ``labels`` array with unwritten chunks (which would read as class 0),
-    and an earlier complete ``labels`` survives it. Arrays must be chunked like the
+    Chunks are then written one by one by :class:`ChunkWriter` tasks, and only
+    :func:`publish_labels` (after every chunk is written) renames the arrays onto ``labels``
+    / ``probabilities``, replacing the earlier ones whole. A failed or killed run therefore
+    never leaves a ``labels`` array with unwritten chunks (which would read as the fill
+    value), and an earlier complete ``labels`` survives it. Arrays must be chunked like the
     store's ``image`` in (y, x), so every task writes whole zarr chunks.
+
+    Raises:
+        RasterIOError: the store cannot be written.
     """
-    discard_partial_labels(store)  # leftovers of a killed run
+    store = Path(store)
+    discard_partial_labels(store)
     coords = _coords(grid)
     data_vars = {_partial(LABELS): xr.DataArray(labels, dims=("y", "x"), coords=coords, attrs=dict(attrs))}
     chunks = (labels.chunks[0][0], labels.chunks[1][0])
     encoding: dict[str, Any] = {_partial(LABELS): {"chunks": chunks}}
     if probabilities is not None:
         names = list(attrs.get("class_names") or [])
-        data_vars[_partial(PROBABILITIES)] = xr.DataArray(
-            probabilities, dims=("class", "y", "x"), coords=coords, attrs={"class_names": names}
-        )
+        pattrs = {"class_names": names, SEGMENT_KEY: attrs.get(SEGMENT_KEY)}
+        data_vars[_partial(PROBABILITIES)] = xr.DataArray(probabilities, dims=("class", "y", "x"), coords=coords,
+                                                          attrs=pattrs)  # fmt: skip
         encoding[_partial(PROBABILITIES)] = {"chunks": (probabilities.shape[0],) + chunks}
     ds = _georeference(xr.Dataset(data_vars), grid)
-    return _to_zarr(ds, store, "a", encoding)
+    try:
+        _to_zarr(ds, store, "a", encoding)  # writes the metadata now; the returned data writes are not used
+        (store / _partial(LABELS) / DONE_DIR).mkdir()
+    except OSError as exc:
+        raise RasterIOError(f"cannot create the labels arrays in {store}: {exc}") from None
+
+
+def _read_attrs(array_dir: Path) -> dict[str, Any] | None:
+    """Attributes of a zarr v3 array from its zarr.json, or None when it has none (or is damaged)."""
+    import json
+
+    try:
+        return json.loads((array_dir / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+
+
+def labels_state(store: Path) -> dict[str, Any]:
+    """What a store holds of segment output: the :data:`SEGMENT_KEY` of ``labels`` and of
+    ``labels_partial`` (None when absent or without a key), and whether ``probabilities``
+    / ``probabilities_partial`` exist (with their keys)."""
+    store = Path(store)
+    out: dict[str, Any] = {}
+    for name in (LABELS, PROBABILITIES):
+        for var in (name, _partial(name)):
+            attrs = _read_attrs(store / var)
+            out[var] = None if attrs is None else attrs.get(SEGMENT_KEY, "")
+    return out
+
+
+def done_chunks(store: Path, key: str) -> set[tuple[int, int]]:
+    """Chunks (i, j) of ``labels_partial`` whose completion marker holds ``key``.
+
+    A marker is written (atomically) only after its chunk (and its probabilities chunk) is
+    written, so a chunk without a marker, or with another run's marker, is redone.
+    """
+    done: set[tuple[int, int]] = set()
+    folder = Path(store) / _partial(LABELS) / DONE_DIR
+    if not folder.is_dir():
+        return done
+    for f in folder.iterdir():
+        parts = f.name.split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            continue  # a temporary file of a killed marker write
+        try:
+            if f.read_text() == key:
+                done.add((int(parts[0]), int(parts[1])))
+        except OSError:
+            continue
+    return done
+
+
+@dataclass(frozen=True)
+class ChunkWriter:
+    """Writes one chunk of ``labels_partial`` (and ``probabilities_partial``) of ``store``,
+    then its completion marker ``labels_partial/.chunks_done/<i>.<j>`` holding ``key``.
+
+    Called inside Dask tasks (:func:`pipeline.apply.write_chunks`); a plain dataclass so it
+    pickles to workers. The chunk files are written by zarr (atomically: temporary file and
+    rename) and the marker last, also through a rename, so a marker always means a whole chunk.
+    """
+
+    store: str
+    key: str
+
+    def __call__(self, index: tuple[int, int], window, labels: np.ndarray, probabilities: np.ndarray | None) -> None:
+        import zarr
+
+        (r0, r1), (c0, c1) = window
+        root = Path(self.store)
+        try:
+            if probabilities is not None:
+                zarr.open_array(root / _partial(PROBABILITIES), mode="r+")[:, r0:r1, c0:c1] = probabilities
+            zarr.open_array(root / _partial(LABELS), mode="r+")[r0:r1, c0:c1] = labels
+            marker = root / _partial(LABELS) / DONE_DIR / f"{index[0]}.{index[1]}"
+            tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+            tmp.write_text(self.key)
+            os.replace(tmp, marker)
+        except OSError as exc:
+            raise RasterIOError(f"cannot write chunk {index} to {self.store}: {exc}") from None
 
 
 def publish_labels(store: Path) -> None:
-    """Rename the arrays written by :func:`write_labels` onto ``labels`` / ``probabilities``.
+    """Rename the arrays made by :func:`create_partial_labels` onto ``labels`` / ``probabilities``
+    once every chunk is written, dropping the marker directory first.
 
     Earlier ``labels`` and ``probabilities`` are removed first (also ``probabilities`` when
-    this run wrote none, so no stale probabilities stay next to new labels).
+    this run wrote none, so no stale probabilities stay next to new labels). Temporary files
+    that zarr left in the arrays when an earlier run was killed mid-write are removed.
 
     Raises:
         RasterIOError: the store cannot be changed.
     """
     store = Path(store)
     try:
+        shutil.rmtree(store / _partial(LABELS) / DONE_DIR, ignore_errors=True)
         for name in (LABELS, PROBABILITIES):
             final, tmp = store / name, store / _partial(name)
+            if tmp.exists():
+                for leftover in tmp.rglob("*.partial"):  # zarr's temporary chunk files of a killed write
+                    leftover.unlink(missing_ok=True)
             if final.exists():
                 shutil.rmtree(final)
             if tmp.exists():
@@ -157,9 +259,14 @@ def publish_labels(store: Path) -> None:
 
 
 def discard_partial_labels(store: Path) -> None:
-    """Remove arrays left by an unfinished :func:`write_labels` (no-op when there are none)."""
+    """Remove arrays (and markers) left by an unfinished segment run (no-op when there are none)."""
     for name in (LABELS, PROBABILITIES):
         _drop_variable(Path(store), _partial(name))
+
+
+def read_root_attrs(store: Path) -> dict[str, Any]:
+    """The store's root group attributes (empty when it has none or is not a zarr v3 store)."""
+    return _read_attrs(Path(store)) or {}
 
 
 def read_region(store: str | Path, bands: list[int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
