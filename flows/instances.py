@@ -26,7 +26,7 @@ from pipeline.report import console_table
 @task(name="ingest", cache_policy=NO_CACHE, **io_retry_options())
 def ingest_task(config: RunConfig) -> Path:
     return instance_stages.ingest_inputs(config.inputs, config.store_path, config.ingest, config.microscopy,
-                                         config.dask.progress)  # fmt: skip
+                                         config.dask.progress, overwrite=config.overwrite)  # fmt: skip
 
 
 @task(name="instances", cache_policy=NO_CACHE)

@@ -284,10 +284,12 @@ def evaluate_instances(store: Path, cfg: InstanceEvaluateConfig, out_dir: Path, 
 __all__ = ["InstanceEvaluation", "classical_kernel", "evaluate_instances", "export_instances", "segment_instances"]
 
 
-def ingest_inputs(inputs: list[Path], store: Path, ingest_cfg, microscopy_cfg, progress: bool = True) -> Path:
+def ingest_inputs(inputs: list[Path], store: Path, ingest_cfg, microscopy_cfg, progress: bool = True,
+                  overwrite: bool = False) -> Path:  # fmt: skip
     """Ingest a run's inputs: one microscopy image (TIFF, OME-TIFF, zarr, OME-Zarr without
-    georeferencing) with :func:`pipeline.stages.ingest_microscopy`, anything else (GeoTIFF,
-    JPEG2000, VRT, ...) with :func:`pipeline.stages.ingest`.
+    georeferencing) with :func:`pipeline.stages.ingest_microscopy` (always rewritten), anything
+    else (GeoTIFF, JPEG2000, VRT, ...) with :func:`pipeline.stages.ingest` (reused when its
+    inputs and config are unchanged; ``overwrite`` as there).
 
     Raises:
         InputError: several inputs of which some are microscopy images.
@@ -301,7 +303,7 @@ def ingest_inputs(inputs: list[Path], store: Path, ingest_cfg, microscopy_cfg, p
         if len(inputs) != 1:
             raise InputError(f"a microscopy run takes one input image (channels inside it); got {len(inputs)}")
         return stages.ingest_microscopy(Path(inputs[0]), store, ingest_cfg, microscopy_cfg, progress)
-    return stages.ingest(inputs, store, ingest_cfg, progress)
+    return stages.ingest(inputs, store, ingest_cfg, progress, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- panoptic
