@@ -21,6 +21,7 @@ import rasterio
 import yaml
 
 from tests import synth
+from tests.models import tiny_unet
 from tests.conftest import BAND_NAMES
 
 TILESEG = str(Path(sys.executable).with_name("tileseg"))
@@ -138,14 +139,7 @@ def test_band_the_raster_lacks(small, tmp_path):
 
 
 def _tiny_unet(path: Path, bands: list[str]) -> Path:
-    import torch
-
-    from pipeline.segment.unet import ModelSpec, build_model, save_model
-
-    torch.manual_seed(0)
-    spec = ModelSpec(arch="Unet", encoder="resnet18", encoder_depth=2, decoder_channels=[16, 8], bands=bands,
-                     mean=[0.0] * len(bands), std=[1.0] * len(bands), classes=["a", "b"], tile_size=64)  # fmt: skip
-    return save_model(build_model(spec), spec, path)
+    return tiny_unet(path, bands=bands, classes=["a", "b"], scale=1.0)
 
 
 def test_checkpoint_for_other_bands(small, tmp_path):

@@ -5,27 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 
 from pipeline import stages
 from pipeline.cluster import dask_client, gpu_worker_specs, gpu_workers_present
 from pipeline.config import DaskConfig, IngestConfig, SegmentConfig, UNetConfig
 from pipeline.errors import InputError, RasterIOError
-from pipeline.segment.unet import build_model, save_model
 from tests import synth
-from tests.test_unet import BANDS, tiny_spec
+from tests.models import BANDS, tiny_unet
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    torch.manual_seed(1)
-    spec = tiny_spec()
-    net = build_model(spec)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(3.0)
-    return save_model(net, spec, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+    return tiny_unet(tmp_path_factory.mktemp("model") / "tiny.safetensors", seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -8,28 +8,13 @@ import xarray as xr
 from pipeline import stages
 from pipeline.config import IngestConfig, SegmentConfig, UNetConfig
 from pipeline.errors import InputError
-from pipeline.segment.unet import ModelSpec, build_model, load_model, save_model
+from pipeline.segment.unet import build_model, load_model, save_model
 from tests import synth
-
-BANDS = ["B02", "B03", "B04", "B08"]
-
-
-def tiny_spec(**kw) -> ModelSpec:
-    base = dict(arch="Unet", encoder="resnet18", encoder_depth=2, decoder_channels=[16, 8], bands=BANDS,
-                mean=[2000.0] * 4, std=[1000.0] * 4, classes=["a", "b", "c"], tile_size=64)  # fmt: skip
-    base.update(kw)
-    return ModelSpec(**base)
-
+from tests.models import BANDS, tiny_spec, tiny_unet
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    spec = tiny_spec()
-    net = build_model(spec)
-    with torch.no_grad():  # make the random model's classes less balanced, so labels vary
-        for p in net.parameters():
-            p.mul_(3.0)
-    return save_model(net, spec, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+    return tiny_unet(tmp_path_factory.mktemp("model") / "tiny.safetensors", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import torch
 import xarray as xr
 
 from pipeline import stages
 from pipeline.config import IngestConfig, SegmentConfig, StitchConfig, ThresholdConfig, UNetConfig
-from pipeline.segment.unet import ModelSpec, build_model, save_model
 from tests import synth
+from tests.models import tiny_unet
 from tests.conftest import BAND_NAMES
 
 THRESHOLD = 2200.0
@@ -23,14 +22,7 @@ THRESHOLD = 2200.0
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    spec = ModelSpec(arch="Unet", encoder="resnet18", encoder_depth=2, decoder_channels=[16, 8], bands=BAND_NAMES,
-                     mean=[2000.0] * 4, std=[1000.0] * 4, classes=["a", "b", "c"], tile_size=64)  # fmt: skip
-    net = build_model(spec)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(3.0)
-    return save_model(net, spec, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+    return tiny_unet(tmp_path_factory.mktemp("model") / "tiny.safetensors", seed=1)
 
 
 def _threshold(store: Path) -> np.ndarray:
