@@ -277,11 +277,37 @@ class AreaConfig(_Model):
 
 
 
+class MaskRCNNTrainConfig(_Model):
+    """Options that only Mask R-CNN training uses (``train.arch: maskrcnn``)."""
+
+    anchor_sizes: list[int] = Field(
+        default=[16, 32, 64, 128, 256], min_length=5, max_length=5,
+        description="Anchor edge per FPN level, pixels (torchvision's default is 32 ... 512).",
+    )  # fmt: skip
+    negatives: float = Field(
+        default=0.1, ge=0, description="Chips without any object kept, as a fraction of the chips with objects."
+    )
+    rois_per_image: int = Field(
+        default=128, ge=4, description="Proposals sampled per chip for the box and mask heads (a quarter positive)."
+    )
+
+
 class TrainConfig(_Model):
     """Training a segmentation model on labeled rasters (`tileseg train`)."""
 
-    arch: str = Field(default="Unet", description="smp architecture (Unet, FPN, ...) or 'fcn_resnet50'.")
-    encoder: str = "resnet18"
+    arch: str = Field(
+        default="Unet",
+        description="smp architecture (Unet, FPN, ...), 'fcn_resnet50', or 'maskrcnn' (instances; the ground truth "
+        "is a raster of instance ids).",
+    )
+    target: Literal["semantic", "instance_boundary"] = Field(
+        default="semantic",
+        description="'semantic': ground truth are classes. 'instance_boundary': the ground truth is a raster of "
+        "instance ids (0 = background), turned into background / interior / boundary classes for the watershed "
+        "instance step.",
+    )
+    maskrcnn: MaskRCNNTrainConfig = MaskRCNNTrainConfig()
+    encoder: str = Field(default="resnet18", description="smp encoder, or the ResNet backbone of a Mask R-CNN.")
     encoder_depth: int = Field(default=3, ge=1, le=5)
     decoder_channels: list[int] | None = Field(default=[64, 32, 16])
     encoder_weights: str | None = Field(default=None, description="Pretrained encoder weights (needs internet).")
@@ -309,6 +335,14 @@ class TrainConfig(_Model):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: Path = Field(default=Path("models/model.safetensors"), description="Where the model is saved.")
+
+    @model_validator(mode="after")
+    def _instance_options(self) -> TrainConfig:
+        if self.arch == "maskrcnn" and self.target != "semantic":
+            raise ValueError("train.arch maskrcnn always reads the ground truth as instance ids; remove train.target")
+        if self.arch == "maskrcnn" and self.refit:
+            raise ValueError("train.refit is not supported for train.arch maskrcnn")
+        return self
 
 
 class ReportConfig(_Model):
