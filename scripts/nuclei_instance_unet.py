@@ -18,9 +18,15 @@ Data: ``img2d.tif`` (y, x) and ``mask2d.tif`` (y, x) instance ids (0 = backgroun
   predicted foreground without the watershed, and for Otsu's threshold of the image plus
   connected components (classical baseline).
 
-Usage (from the repository root):
+Usage (from the repository root; the committed ``models/nuclei-unet.*`` came from exactly this,
+about 1-2 minutes on 2 CPU cores):
 
-    .venv/bin/python scripts/nuclei_instance_unet.py [--out models/nuclei-unet.safetensors]
+    .venv/bin/python scripts/nuclei_instance_unet.py --out models/nuclei-unet.safetensors
+
+Defaults: U-Net with a ResNet-18 encoder of depth 2 (0.8 MB), 64 px chips every 32 px,
+cross-entropy (inverse-sqrt class weights) + Dice, AdamW 3e-3 with a cosine schedule, 80
+epochs, the epoch with the best validation mIoU kept; inference windows of 128 px, overlap
+0.25; the watershed's default parameters (not tuned on the scored half).
 
 Prints the scores and writes ``outputs/nuclei/results.json``.
 """
@@ -101,11 +107,14 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=64)
     ap.add_argument("--stride", type=int, default=32)
     ap.add_argument("--val-rows", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--patience", type=int, default=15)
-    ap.add_argument("--encoder-depth", type=int, default=3)
-    ap.add_argument("--decoder", type=int, nargs="+", default=[32, 16, 8])
+    ap.add_argument("--epochs", type=int, default=80)
+    ap.add_argument("--patience", type=int, default=80)
+    ap.add_argument("--encoder-depth", type=int, default=2)
+    ap.add_argument("--decoder", type=int, nargs="+", default=[32, 16])
+    ap.add_argument("--encoder", default="resnet18")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--schedule", choices=["constant", "cosine"], default="cosine")
+    ap.add_argument("--weighting", choices=["none", "inverse_sqrt"], default="inverse_sqrt")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -124,7 +133,7 @@ def main() -> None:
     tr = _chips(img[:split], top_target[:split], args.tile, args.stride)
     va = _chips(img[split:half], top_target[split:half], args.tile, args.tile)
     mean, std = training.band_statistics(tr)
-    spec = ModelSpec(arch="Unet", encoder="resnet18", encoder_depth=args.encoder_depth, decoder_channels=args.decoder,
+    spec = ModelSpec(arch="Unet", encoder=args.encoder, encoder_depth=args.encoder_depth, decoder_channels=args.decoder,
                      bands=["nuclei"], mean=mean, std=std, classes=INSTANCE_CLASSES, tile_size=args.tile,
                      target="instance_boundary", tileseg_version=__version__)  # fmt: skip
     torch.manual_seed(args.seed)
@@ -134,7 +143,8 @@ def main() -> None:
     t0 = time.perf_counter()
     result = training.train(
         build_model(spec), lambda im, v: normalise(im, spec, v), tr, va, len(INSTANCE_CLASSES), epochs=args.epochs,
-        patience=args.patience, batch_size=8, lr=args.lr, weight_decay=1e-4, loss="ce+dice", seed=args.seed,
+        patience=args.patience, batch_size=8, lr=args.lr, weight_decay=1e-4, loss="ce+dice", weighting=args.weighting,
+        schedule=args.schedule, seed=args.seed,
         device="cpu", log_path=log_path,
     )  # fmt: skip
     train_s = time.perf_counter() - t0
