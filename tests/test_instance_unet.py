@@ -120,7 +120,8 @@ def test_watershed_is_local_to_foreground_components():
 
 def _tiny_spec(**kw) -> ModelSpec:
     base = dict(arch="Unet", encoder="resnet18", encoder_depth=2, decoder_channels=[16, 8], bands=["DAPI"],
-                mean=[700.0], std=[400.0], classes=INSTANCE_CLASSES, tile_size=64, target="instance_boundary")  # fmt: skip
+                mean=[700.0], std=[400.0], classes=INSTANCE_CLASSES, tile_size=64,
+                target="instance_boundary")  # fmt: skip
     base.update(kw)
     return ModelSpec(**base)
 
@@ -173,7 +174,8 @@ def test_instance_training_refuses_vector_ground_truth(blob_scene, tmp_path):
     store, _, _ = blob_scene
     x0, y1 = synth.ORIGIN
     cfg = TrainConfig(target="instance_boundary", train_area=BBox(xmin=x0, ymin=y1 - 960, xmax=x0 + 1280, ymax=y1),
-                      val_area=BBox(xmin=x0, ymin=y1 - 1600, xmax=x0 + 1280, ymax=y1 - 960), out=tmp_path / "m")  # fmt: skip
+                      val_area=BBox(xmin=x0, ymin=y1 - 1600, xmax=x0 + 1280, ymax=y1 - 960),
+                      out=tmp_path / "m")  # fmt: skip
     vec = tmp_path / "gt.geojson"
     vec.write_text('{"type": "FeatureCollection", "features": []}')
     with pytest.raises(InputError, match="raster of instance ids"):

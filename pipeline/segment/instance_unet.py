@@ -105,7 +105,8 @@ class WatershedParams:
                              f"min_size_px={self.min_size_px}")  # fmt: skip
 
 
-def watershed_instances(block: np.ndarray, valid: np.ndarray, params: WatershedParams = WatershedParams()) -> np.ndarray:
+def watershed_instances(block: np.ndarray, valid: np.ndarray,
+                        params: WatershedParams = WatershedParams()) -> np.ndarray:  # fmt: skip
     """Instance ids from 3-class probabilities: marker-controlled watershed in the foreground.
 
     Steps: foreground = valid & (P(interior) + P(boundary) > ``params.foreground``);

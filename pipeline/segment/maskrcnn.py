@@ -177,7 +177,8 @@ def _val_loss(net: nn.Module, x: torch.Tensor, inst: np.ndarray, batch_size: int
     total = 0.0
     with torch.no_grad():
         for b in range(0, len(x), batch_size):
-            total += float(_losses(net, x[b : b + batch_size], inst[b : b + batch_size], device)) * len(x[b : b + batch_size])
+            xb, ib = x[b : b + batch_size], inst[b : b + batch_size]
+            total += float(_losses(net, xb, ib, device)) * len(xb)
     return total / len(x)
 
 
@@ -235,7 +236,9 @@ def train_maskrcnn(
         net.roi_heads.fg_bg_sampler.batch_size_per_image = rois_per_image
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     warmup_steps = min(1000, -(-len(images) // batch_size) - 1)
-    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, total_iters=warmup_steps) if warmup_steps else None
+    warmup = None
+    if warmup_steps:
+        warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, total_iters=warmup_steps)
     x_tr, x_va = torch.from_numpy(np.ascontiguousarray(images, np.float32)), torch.from_numpy(
         np.ascontiguousarray(val_images, np.float32))  # fmt: skip
     hist = MaskRCNNHistory()
@@ -292,7 +295,7 @@ class MaskRCNNParams:
             larger than this is run in overlapping windows.
         overlap: overlap of neighbouring windows; must exceed the largest object's
             diameter so that every object lies wholly inside some window.
-        score: detections scoring below this are dropped.
+        score: detections scoring at or below this are dropped (as torchvision does).
         mask: a detection's mask is its pixels with mask probability >= this.
         max_claimed: a detection whose mask is already claimed by higher-scoring ones
             for more than this fraction is a duplicate and dropped.
@@ -384,7 +387,7 @@ def maskrcnn_instances(block: np.ndarray, valid: np.ndarray, net: nn.Module, spe
     The block is normalised with the sidecar's statistics (nodata pixels set to the band
     mean, 0) and cut into ``params.window`` px windows (:func:`window_origins`); a block
     smaller than a window is padded with 0 (the band mean) up to it. Detections scoring
-    ``>= params.score`` are kept, except those whose box comes within 2 px of a window
+    above ``params.score`` are kept, except those whose box comes within 2 px of a window
     edge that lies inside the block (those objects are cut; with ``overlap`` larger than
     any object, the neighbouring window holds them whole). The kept masks (probability
     ``>= params.mask``) are pasted in descending score order (ties: window order, then
@@ -431,7 +434,7 @@ def maskrcnn_instances(block: np.ndarray, valid: np.ndarray, net: nn.Module, spe
             cut = (inner[0] and x0 < 2) or (inner[1] and y0 < 2) or (inner[2] and x1 > win - 2) or (
                 inner[3] and y1 > win - 2)  # fmt: skip
             m = m >= params.mask
-            if s < params.score or cut or not m.any():
+            if s <= params.score or cut or not m.any():
                 continue
             rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
             crop = m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
