@@ -612,6 +612,23 @@ class DeployConfig(_Model):
         return v
 
 
+class LearnedInstanceConfig(_Model):
+    """Options of the learned instance methods (``instances.method``: ``unet_watershed`` or
+    ``maskrcnn``; see :mod:`pipeline.learned_instances`). Sizes in pixels."""
+
+    model: Path | None = Field(default=None, description="Saved model: NAME.safetensors with NAME.json beside it.")
+    window: int = Field(default=256, ge=32, description="Inference window edge, pixels.")
+    overlap: float = Field(default=0.25, ge=0.0, le=0.875, description="U-Net window overlap (fraction of the window).")
+    blend: Literal["hann", "gaussian"] = "hann"
+    batch_size: int = Field(default=8, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    foreground: float = Field(default=0.5, ge=0, lt=1, description="U-Net: P(interior) + P(boundary) above this.")
+    seed: float = Field(default=0.5, ge=0, lt=1, description="U-Net: watershed markers where P(interior) > this.")
+    min_seed_px: int = Field(default=4, ge=1, description="U-Net: smaller markers are dropped.")
+    score: float = Field(default=0.5, ge=0, le=1, description="Mask R-CNN: detections scoring at or below are dropped.")
+    min_size_px: int = Field(default=8, ge=1, description="Objects (pieces) with fewer pixels are dropped.")
+
+
 class InstanceConfig(_Model):
     """Instance segmentation: an id per object, objects whole across chunk borders.
 
@@ -621,7 +638,12 @@ class InstanceConfig(_Model):
     and :mod:`pipeline.instances`.
     """
 
-    method: Literal["classical"] = Field(default="classical", description="Per-chunk instance kernel.")
+    method: Literal["classical", "unet_watershed", "maskrcnn"] = Field(
+        default="classical",
+        description="Per-chunk instance kernel: classical, a U-Net boundary model + watershed, or a Mask R-CNN "
+        "(the learned ones use `learned` and `max_diameter`).",
+    )
+    learned: LearnedInstanceConfig = LearnedInstanceConfig()
     bands: list[str] | None = Field(default=None, description="Bands averaged into the signal. Default: the first.")
     threshold: float | None = Field(
         default=None, description="Foreground threshold on the smoothed signal. None: Otsu of the whole image."
@@ -654,6 +676,12 @@ class InstanceConfig(_Model):
         description="Panoptic runs (a semantic `segment` too): the classes whose pixels carry instance ids "
         "(countable objects, e.g. buildings); the others are 'stuff' (instance 0). Default: every class.",
     )
+
+    @model_validator(mode="after")
+    def _learned_model(self) -> InstanceConfig:
+        if self.method != "classical" and self.learned.model is None:
+            raise ValueError(f"instances.method {self.method} needs instances.learned.model")
+        return self
 
 
 RunConfig.model_rebuild()

@@ -118,6 +118,26 @@ def test_watershed_is_local_to_foreground_components():
     assert checked >= 5
 
 
+def test_watershed_kernel_through_the_chunk_stitcher_equals_one_piece():
+    """The kernel plugged into pipeline.instances: chunked labels equal the single-piece run
+    (same partition) for several chunkings, with a halo larger than any cluster of discs."""
+    from pipeline.instances import chunking_agreement
+
+    ids = blob_instances(150, 130, n=30, seed=7)
+    probs = _probabilities(ids)
+    valid = np.ones(ids.shape, bool)
+    valid[:, :4] = False
+    clusters, n = ndimage.label(probs[1] + probs[2] > 0.5)
+    extent = max(max(s.stop - s.start for s in sl) for sl in ndimage.find_objects(clusters))
+    kernel = watershed_kernel(required_halo=extent)
+    for a in chunking_agreement(probs, valid, kernel, halo=extent, chunk_sizes=[40, 64, 97]):
+        assert a.ari == 1.0 and a.n_objects == a.n_reference == a.matched, a
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="halo"):
+        chunking_agreement(probs, valid, kernel, halo=extent - 1, chunk_sizes=[64])
+
+
 def _tiny_spec(**kw) -> ModelSpec:
     base = dict(arch="Unet", encoder="resnet18", encoder_depth=2, decoder_channels=[16, 8], bands=["DAPI"],
                 mean=[700.0], std=[400.0], classes=INSTANCE_CLASSES, tile_size=64,
@@ -146,20 +166,26 @@ def blob_scene(tmp_path_factory):
     tif = synth.write_tif(d / "img.tif", blob_image(ids, seed=2), names=["DAPI"])
     gt = synth.write_tif(d / "ids.tif", ids.astype(np.uint16))
     store = stages.ingest([tif], d / "s.zarr", IngestConfig(chunk_size=64), progress=False)
-    return store, gt, ids
+    return store, gt, ids, tif
 
 
-def test_training_with_instance_boundary_target_lowers_the_loss(blob_scene, tmp_path):
-    store, gt, _ = blob_scene
+@pytest.fixture(scope="module")
+def trained(blob_scene, tmp_path_factory):
+    """A tiny instance-boundary U-Net trained by stages.train on the blob scene."""
+    store, gt, _, _ = blob_scene
     x0, y1 = synth.ORIGIN  # 10 m pixels: rows 0-95 train, rows 96-159 validate
     cfg = TrainConfig(
         arch="Unet", encoder="resnet18", encoder_depth=2, decoder_channels=[16, 8], target="instance_boundary",
         train_area=BBox(xmin=x0, ymin=y1 - 960, xmax=x0 + 1280, ymax=y1),
         val_area=BBox(xmin=x0, ymin=y1 - 1600, xmax=x0 + 1280, ymax=y1 - 960),
-        tile=64, stride=32, epochs=6, patience=10, batch_size=4, lr=3e-3, seed=0, device="cpu",
-        out=tmp_path / "inst.safetensors",
+        tile=64, stride=32, epochs=12, patience=20, batch_size=4, lr=3e-3, seed=0, device="cpu",
+        out=tmp_path_factory.mktemp("inst") / "inst.safetensors",
     )  # fmt: skip
-    path = stages.train(store, cfg, GroundTruthConfig(path=gt), [], progress=False)
+    return stages.train(store, cfg, GroundTruthConfig(path=gt), [], progress=False)
+
+
+def test_training_with_instance_boundary_target_lowers_the_loss(trained):
+    path = trained
     log = [json.loads(line) for line in path.with_suffix(".log.jsonl").read_text().splitlines()]
     assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"], [e["train_loss"] for e in log]
     spec = load_spec(path)
@@ -171,7 +197,7 @@ def test_training_with_instance_boundary_target_lowers_the_loss(blob_scene, tmp_
 
 
 def test_instance_training_refuses_vector_ground_truth(blob_scene, tmp_path):
-    store, _, _ = blob_scene
+    store, _, _, _ = blob_scene
     x0, y1 = synth.ORIGIN
     cfg = TrainConfig(target="instance_boundary", train_area=BBox(xmin=x0, ymin=y1 - 960, xmax=x0 + 1280, ymax=y1),
                       val_area=BBox(xmin=x0, ymin=y1 - 1600, xmax=x0 + 1280, ymax=y1 - 960),
@@ -180,3 +206,55 @@ def test_instance_training_refuses_vector_ground_truth(blob_scene, tmp_path):
     vec.write_text('{"type": "FeatureCollection", "features": []}')
     with pytest.raises(InputError, match="raster of instance ids"):
         stages.train(store, cfg, GroundTruthConfig(path=vec, class_column="c"), [], progress=False)
+
+
+def test_instances_stage_with_the_unet_watershed_does_not_depend_on_chunking(blob_scene, trained, tmp_path):
+    """`instances.method: unet_watershed` through instance_stages.segment_instances: the same
+    objects (same partition of the pixels) for several chunk sizes and one single piece."""
+    import xarray as xr
+    from sklearn.metrics import adjusted_rand_score
+
+    from pipeline import instance_stages
+    from pipeline.config import InstanceConfig, LearnedInstanceConfig
+
+    _, _, ids, tif = blob_scene
+    cfg = InstanceConfig(method="unet_watershed", max_diameter=30,
+                         learned=LearnedInstanceConfig(model=trained, window=64, batch_size=4, device="cpu"))  # fmt: skip
+    out = {}
+    for chunk in (48, 64, 256):
+        store = stages.ingest([tif], tmp_path / f"c{chunk}.zarr", IngestConfig(chunk_size=chunk), progress=False)
+        instance_stages.segment_instances(store, cfg, progress=False)
+        da = xr.open_zarr(store)["instances"]
+        assert da.attrs["method"] == "unet_watershed" and da.attrs["halo_px"] == 30
+        out[chunk] = da.values
+    ref = out[256]
+    assert len(np.unique(ref)) > 10  # objects were found
+    for chunk in (48, 64):
+        assert adjusted_rand_score(ref.ravel(), out[chunk].ravel()) == 1.0
+    # and they are objects, not noise: after 12 epochs on 6 chips, a fair share of the (often
+    # heavily overlapping) discs is matched at IoU > 0.5 (an untrained model matches none)
+    g, p = ids.ravel(), ref.ravel().astype(np.int64)
+    matched = 0
+    for k in np.unique(g[g > 0]):
+        cand = np.bincount(p[g == k])
+        cand[0] = 0
+        j = int(cand.argmax())
+        if j and cand[j] / ((g == k).sum() + (p == j).sum() - cand[j]) > 0.5:
+            matched += 1
+    assert matched >= 10, matched
+
+
+def test_instances_stage_refuses_a_semantic_model_for_the_watershed(blob_scene, tmp_path):
+    from pipeline import instance_stages
+    from pipeline.config import InstanceConfig, LearnedInstanceConfig
+
+    store = blob_scene[0]
+    spec = _tiny_spec(target="semantic", classes=["a", "b", "c"])
+    path = save_model(build_model(spec), spec, tmp_path / "sem.safetensors")
+    cfg = InstanceConfig(method="unet_watershed", learned=LearnedInstanceConfig(model=path, window=64, device="cpu"))
+    with pytest.raises(InputError, match="not an instance-boundary U-Net"):
+        instance_stages.segment_instances(store, cfg, progress=False)
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="learned.model"):
+        InstanceConfig(method="maskrcnn")

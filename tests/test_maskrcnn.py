@@ -219,3 +219,26 @@ def test_config_refuses_maskrcnn_with_a_target():
     with pytest.raises(ValidationError, match="instance ids"):
         TrainConfig(arch="maskrcnn", target="instance_boundary", train_area=area, val_area=area)
     _ = setup_inference  # public helper used by cached models
+
+
+def test_instances_stage_runs_a_maskrcnn(blob_scene, tmp_path):
+    """`instances.method: maskrcnn` through instance_stages.segment_instances (wiring: halo and
+    window overlap from max_diameter, ids written; an untrained model finds little)."""
+    import xarray as xr
+
+    from pipeline import instance_stages
+    from pipeline.config import InstanceConfig, LearnedInstanceConfig
+    from pipeline.errors import ConfigError
+
+    store, _ = blob_scene
+    torch.manual_seed(0)
+    spec = _spec()
+    path = save_model(build_model(spec), spec, tmp_path / "mr.safetensors")
+    cfg = InstanceConfig(method="maskrcnn", max_diameter=12,
+                         learned=LearnedInstanceConfig(model=path, window=32, device="cpu"))  # fmt: skip
+    instance_stages.segment_instances(store, cfg, progress=False)
+    da = xr.open_zarr(store)["instances"]
+    assert da.attrs["method"] == "maskrcnn" and da.attrs["halo_px"] == 12 and da.shape == (64, 64)
+    assert da.dtype.kind == "u"
+    with pytest.raises(ConfigError, match="window"):
+        instance_stages.segment_instances(store, cfg.model_copy(update={"max_diameter": 30}), progress=False)

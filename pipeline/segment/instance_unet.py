@@ -32,7 +32,6 @@ chunk independent of where the chunk lies (up to the numbering of the objects).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 
@@ -158,10 +157,29 @@ def _drop_small(labels: np.ndarray, min_px: int) -> np.ndarray:
     return np.where(small[labels], 0, labels)
 
 
-def watershed_kernel(params: WatershedParams = WatershedParams()):
+@dataclass(frozen=True)
+class WatershedKernel:
     """The per-chunk kernel ``kernel(block, valid) -> labels`` of :func:`watershed_instances`
-    with ``params`` bound (a picklable ``functools.partial``, fine for Dask workers)."""
-    return partial(watershed_instances, params=params)
+    (a small frozen object: picklable, and tokenised by Dask from its fields).
+
+    Attributes:
+        params: the watershed's parameters.
+        required_halo: optional, pixels: the extent of the largest cluster of touching
+            objects expected (see the module docstring on locality). The watershed itself
+            cannot know it; when set, the chunk stitcher (:mod:`pipeline.instances`) refuses
+            a smaller halo.
+    """
+
+    params: WatershedParams = WatershedParams()
+    required_halo: int | None = None
+
+    def __call__(self, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        return watershed_instances(block, valid, self.params)
 
 
-__all__ = ["INSTANCE_CLASSES", "WatershedParams", "boundary_targets", "watershed_instances", "watershed_kernel"]
+def watershed_kernel(params: WatershedParams = WatershedParams(), required_halo: int | None = None) -> WatershedKernel:
+    """The per-chunk kernel of :func:`watershed_instances` with ``params`` bound (see :class:`WatershedKernel`)."""
+    return WatershedKernel(params, required_halo)
+
+
+__all__ = ["INSTANCE_CLASSES", "WatershedKernel", "WatershedParams", "boundary_targets", "watershed_instances", "watershed_kernel"]
