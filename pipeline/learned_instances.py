@@ -1,5 +1,7 @@
-"""The learned instance methods as per-chunk kernels for :mod:`pipeline.instances` (Dask glue;
-no file I/O beyond what the U-Net tasks read from the store).
+"""Stage-level helpers of the learned instance methods: their per-chunk kernels for
+:mod:`pipeline.instances` in instance runs, and the Mask R-CNN branch of the train stage
+(kept here so that :mod:`pipeline.stages` stays short). Like the stages, this mixes I/O
+(the U-Net tasks read windows from the store; training saves the model) with compute.
 
 ``instances.method``:
 
@@ -20,14 +22,17 @@ too (see :mod:`pipeline.segment.instance_unet`); the stitcher merges pieces by I
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import dask.array as da
 
 from pipeline import apply
-from pipeline.config import InstanceConfig
+from pipeline.config import GroundTruthConfig, InstanceConfig, TrainConfig
 from pipeline.errors import ConfigError, InputError
+
+log = logging.getLogger("tileseg")
 
 
 def _diameter_px(cfg: InstanceConfig, pixel_size_um: float | None) -> float:
@@ -89,4 +94,62 @@ def learned_kernel(store: Path, image: da.Array, band_names: list[str], nodata: 
     return maskrcnn_kernel(lc.model, params, device), image[band_idx], halo
 
 
-__all__ = ["learned_kernel"]
+def check_instance_ground_truth(gt: GroundTruthConfig) -> None:
+    """Instance training reads the ground truth as a raster of object ids, as it is.
+
+    Raises:
+        InputError: vector ground truth, or a class_map (it would turn ids into classes).
+    """
+    from pipeline.io import vector as vec_io
+
+    if vec_io.is_vector(str(gt.path)):
+        raise InputError(f"instance training needs a raster of instance ids (0 = background) as ground truth, "
+                         f"not vector features ({gt.path})")  # fmt: skip
+    if gt.class_map is not None:
+        raise InputError("instance training reads object ids as they are; remove evaluate.ground_truth.class_map")
+
+
+def train_maskrcnn_stage(spec, tr, va, cfg: TrainConfig, ground_truth: GroundTruthConfig, device: str, out: Path,
+                         log_path: Path, progress: bool) -> Path:  # fmt: skip
+    """Mask R-CNN branch of :func:`pipeline.stages.train`: chips with objects plus a few without,
+    flips, AdamW; the weights of the epoch with the lowest validation loss are saved to ``out``
+    (.safetensors + .json sidecar ``spec`` with the training provenance).
+
+    Args:
+        tr, va: training and validation :class:`pipeline.segment.training.Chips` whose labels
+            are instance ids (-1 = unlabeled).
+
+    Returns:
+        the .safetensors path.
+    """
+    import time
+
+    import torch
+
+    from pipeline.segment.maskrcnn import select_chips, train_maskrcnn
+    from pipeline.segment.unet import build_model, normalise, save_model
+
+    t0 = time.perf_counter()
+    keep = select_chips(tr.labels, cfg.maskrcnn.negatives, cfg.seed)
+    log.info("Mask R-CNN: %d training chips (%d without objects), %d validation chips", len(keep),
+             int((tr.labels[keep] <= 0).reshape(len(keep), -1).all(axis=1).sum()), len(va))  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    net = build_model(spec)
+    hist = train_maskrcnn(
+        net, normalise(tr.images[keep], spec, tr.valid[keep]), tr.labels[keep], normalise(va.images, spec, va.valid),
+        va.labels, epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, seed=cfg.seed, device=device, rois_per_image=cfg.maskrcnn.rois_per_image,
+        log_path=log_path, progress=progress,
+    )  # fmt: skip
+    best_val = hist.val_loss[hist.best_epoch - 1] if va.images.size else None
+    spec.trained = {
+        "config": cfg.model_dump(mode="json"), "ground_truth": str(ground_truth.path), "train_chips": len(keep),
+        "val_chips": len(va), "epochs_run": len(hist.train_loss), "best_epoch": hist.best_epoch,
+        "best_val_loss": None if best_val is None else round(best_val, 6), "device": device,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    log.info("Mask R-CNN: kept epoch %d (validation loss %s)", hist.best_epoch, best_val)
+    return save_model(net.cpu(), spec, out)
+
+
+__all__ = ["check_instance_ground_truth", "learned_kernel", "train_maskrcnn_stage"]

@@ -531,7 +531,9 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     class_names = [c.name for c in classes]
     to_target, ignore = None, None
     if cfg.target == "instance_boundary" or cfg.arch == "maskrcnn":
-        _check_instance_ground_truth(ground_truth)
+        from pipeline.learned_instances import check_instance_ground_truth
+
+        check_instance_ground_truth(ground_truth)
         if cfg.arch == "maskrcnn":  # ids stay ids; unlabeled -1 (background for Mask R-CNN)
             from pipeline.segment.maskrcnn import CLASSES as class_names
 
@@ -563,7 +565,9 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     log_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     if cfg.arch == "maskrcnn":
-        return _train_maskrcnn(spec, tr, va, cfg, ground_truth, device, out, log_path, progress)
+        from pipeline.learned_instances import train_maskrcnn_stage
+
+        return train_maskrcnn_stage(spec, tr, va, cfg, ground_truth, device, out, log_path, progress)
 
     def fit(chips, val, epochs: int, patience: int):
         torch.manual_seed(cfg.seed)  # the random initial weights are part of a seeded run
@@ -602,55 +606,6 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     }
     log.info("best validation mIoU %.4f at epoch %d", result.best_val_miou, result.best_epoch)
     return save_model(result.net.cpu(), spec, out)
-
-
-def _check_instance_ground_truth(gt: GroundTruthConfig) -> None:
-    """Instance training reads the ground truth as a raster of object ids, as it is.
-
-    Raises:
-        InputError: vector ground truth, or a class_map (it would turn ids into classes).
-    """
-    from pipeline.io import vector as vec_io
-
-    if vec_io.is_vector(str(gt.path)):
-        raise InputError(f"instance training needs a raster of instance ids (0 = background) as ground truth, "
-                         f"not vector features ({gt.path})")  # fmt: skip
-    if gt.class_map is not None:
-        raise InputError("instance training reads object ids as they are; remove evaluate.ground_truth.class_map")
-
-
-def _train_maskrcnn(spec, tr, va, cfg: TrainConfig, ground_truth: GroundTruthConfig, device: str, out: Path,
-                    log_path: Path, progress: bool) -> Path:  # fmt: skip
-    """Mask R-CNN branch of :func:`train`: chips with objects plus a few without, flips, AdamW;
-    the epoch with the lowest validation loss is saved."""
-    import time
-
-    import torch
-
-    from pipeline.segment.maskrcnn import select_chips, train_maskrcnn
-    from pipeline.segment.unet import build_model, normalise, save_model
-
-    t0 = time.perf_counter()
-    keep = select_chips(tr.labels, cfg.maskrcnn.negatives, cfg.seed)
-    log.info("Mask R-CNN: %d training chips (%d without objects), %d validation chips", len(keep),
-             int((tr.labels[keep] <= 0).reshape(len(keep), -1).all(axis=1).sum()), len(va))  # fmt: skip
-    torch.manual_seed(cfg.seed)
-    net = build_model(spec)
-    hist = train_maskrcnn(
-        net, normalise(tr.images[keep], spec, tr.valid[keep]), tr.labels[keep], normalise(va.images, spec, va.valid),
-        va.labels, epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, seed=cfg.seed, device=device, rois_per_image=cfg.maskrcnn.rois_per_image,
-        log_path=log_path, progress=progress,
-    )  # fmt: skip
-    best_val = hist.val_loss[hist.best_epoch - 1] if va.images.size else None
-    spec.trained = {
-        "config": cfg.model_dump(mode="json"), "ground_truth": str(ground_truth.path), "train_chips": len(keep),
-        "val_chips": len(va), "epochs_run": len(hist.train_loss), "best_epoch": hist.best_epoch,
-        "best_val_loss": None if best_val is None else round(best_val, 6), "device": device,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }  # fmt: skip
-    log.info("Mask R-CNN: kept epoch %d (validation loss %s)", hist.best_epoch, best_val)
-    return save_model(net.cpu(), spec, out)
 
 
 __all__ = ["ingest", "ingest_microscopy", "segment", "stitch", "export_ome_zarr", "evaluate", "train", "EvaluationResult"]
