@@ -37,11 +37,13 @@ def train_run(config: RunConfig) -> str:
     with dask_client(config.dask):
         model = train_task(ingest_if_missing(config), config)
     spec = load_spec(model)
+    score = ("loss", "best_val_loss") if spec.arch == "maskrcnn" else ("mIoU", "best_val_miou")
     create_markdown_artifact(
         key="training",
         markdown=(
             f"# Model `{model}`\n\n- architecture: {spec.arch} / {spec.encoder} (depth {spec.encoder_depth})\n"
-            f"- bands: {', '.join(spec.bands)}\n- best validation mIoU: {spec.trained.get('best_val_miou')}"
+            f"- target: {spec.target}\n"
+            f"- bands: {', '.join(spec.bands)}\n- best validation {score[0]}: {spec.trained.get(score[1])}"
             f" at epoch {spec.trained.get('best_epoch')} of {spec.trained.get('epochs_run')}\n"
         ),
         description="Training result",

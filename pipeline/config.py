@@ -277,11 +277,37 @@ class AreaConfig(_Model):
 
 
 
+class MaskRCNNTrainConfig(_Model):
+    """Options that only Mask R-CNN training uses (``train.arch: maskrcnn``)."""
+
+    anchor_sizes: list[int] = Field(
+        default=[16, 32, 64, 128, 256], min_length=5, max_length=5,
+        description="Anchor edge per FPN level, pixels (torchvision's default is 32 ... 512).",
+    )  # fmt: skip
+    negatives: float = Field(
+        default=0.1, ge=0, description="Chips without any object kept, as a fraction of the chips with objects."
+    )
+    rois_per_image: int = Field(
+        default=128, ge=4, description="Proposals sampled per chip for the box and mask heads (a quarter positive)."
+    )
+
+
 class TrainConfig(_Model):
     """Training a segmentation model on labeled rasters (`tileseg train`)."""
 
-    arch: str = Field(default="Unet", description="smp architecture (Unet, FPN, ...) or 'fcn_resnet50'.")
-    encoder: str = "resnet18"
+    arch: str = Field(
+        default="Unet",
+        description="smp architecture (Unet, FPN, ...), 'fcn_resnet50', or 'maskrcnn' (instances; the ground truth "
+        "is a raster of instance ids).",
+    )
+    target: Literal["semantic", "instance_boundary"] = Field(
+        default="semantic",
+        description="'semantic': ground truth are classes. 'instance_boundary': the ground truth is a raster of "
+        "instance ids (0 = background), turned into background / interior / boundary classes for the watershed "
+        "instance step.",
+    )
+    maskrcnn: MaskRCNNTrainConfig = MaskRCNNTrainConfig()
+    encoder: str = Field(default="resnet18", description="smp encoder, or the ResNet backbone of a Mask R-CNN.")
     encoder_depth: int = Field(default=3, ge=1, le=5)
     decoder_channels: list[int] | None = Field(default=[64, 32, 16])
     encoder_weights: str | None = Field(default=None, description="Pretrained encoder weights (needs internet).")
@@ -309,6 +335,14 @@ class TrainConfig(_Model):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: Path = Field(default=Path("models/model.safetensors"), description="Where the model is saved.")
+
+    @model_validator(mode="after")
+    def _instance_options(self) -> TrainConfig:
+        if self.arch == "maskrcnn" and self.target != "semantic":
+            raise ValueError("train.arch maskrcnn always reads the ground truth as instance ids; remove train.target")
+        if self.arch == "maskrcnn" and self.refit:
+            raise ValueError("train.refit is not supported for train.arch maskrcnn")
+        return self
 
 
 class ReportConfig(_Model):
@@ -578,6 +612,23 @@ class DeployConfig(_Model):
         return v
 
 
+class LearnedInstanceConfig(_Model):
+    """Options of the learned instance methods (``instances.method``: ``unet_watershed`` or
+    ``maskrcnn``; see :mod:`pipeline.learned_instances`). Sizes in pixels."""
+
+    model: Path | None = Field(default=None, description="Saved model: NAME.safetensors with NAME.json beside it.")
+    window: int = Field(default=256, ge=32, description="Inference window edge, pixels.")
+    overlap: float = Field(default=0.25, ge=0.0, le=0.875, description="U-Net window overlap (fraction of the window).")
+    blend: Literal["hann", "gaussian"] = "hann"
+    batch_size: int = Field(default=8, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    foreground: float = Field(default=0.5, ge=0, lt=1, description="U-Net: P(interior) + P(boundary) above this.")
+    seed: float = Field(default=0.5, ge=0, lt=1, description="U-Net: watershed markers where P(interior) > this.")
+    min_seed_px: int = Field(default=4, ge=1, description="U-Net: smaller markers are dropped.")
+    score: float = Field(default=0.5, ge=0, le=1, description="Mask R-CNN: detections scoring at or below are dropped.")
+    min_size_px: int = Field(default=8, ge=1, description="Objects (pieces) with fewer pixels are dropped.")
+
+
 class InstanceConfig(_Model):
     """Instance segmentation: an id per object, objects whole across chunk borders.
 
@@ -587,7 +638,12 @@ class InstanceConfig(_Model):
     and :mod:`pipeline.instances`.
     """
 
-    method: Literal["classical"] = Field(default="classical", description="Per-chunk instance kernel.")
+    method: Literal["classical", "unet_watershed", "maskrcnn"] = Field(
+        default="classical",
+        description="Per-chunk instance kernel: classical, a U-Net boundary model + watershed, or a Mask R-CNN "
+        "(the learned ones use `learned` and `max_diameter`).",
+    )
+    learned: LearnedInstanceConfig = LearnedInstanceConfig()
     bands: list[str] | None = Field(default=None, description="Bands averaged into the signal. Default: the first.")
     threshold: float | None = Field(
         default=None, description="Foreground threshold on the smoothed signal. None: Otsu of the whole image."
@@ -620,6 +676,12 @@ class InstanceConfig(_Model):
         description="Panoptic runs (a semantic `segment` too): the classes whose pixels carry instance ids "
         "(countable objects, e.g. buildings); the others are 'stuff' (instance 0). Default: every class.",
     )
+
+    @model_validator(mode="after")
+    def _learned_model(self) -> InstanceConfig:
+        if self.method != "classical" and self.learned.model is None:
+            raise ValueError(f"instances.method {self.method} needs instances.learned.model")
+        return self
 
 
 RunConfig.model_rebuild()

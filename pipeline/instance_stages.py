@@ -94,12 +94,19 @@ def segment_instances(store: Path, cfg: InstanceConfig, progress: bool = True) -
     band_names = list(ds[zstore.IMAGE].attrs["band_names"])
     grid = zstore.store_grid(ds)
     valid = apply.any_band_valid(image, ds[zstore.IMAGE].attrs.get("nodata"))
-    kernel = classical_kernel(cfg, band_names, _pixel_size(ds))
-    if kernel.threshold is None:
-        kernel = with_global_otsu(image, valid, kernel)
-        log.info("instances: Otsu threshold of the smoothed signal %.6g (whole image)", kernel.threshold)
-    halo = kernel.required_halo if cfg.halo is None else cfg.halo
-    chunked = segment_chunks(image, valid, kernel, halo, cfg.merge_iou)
+    if cfg.method == "classical":
+        kernel = classical_kernel(cfg, band_names, _pixel_size(ds))
+        if kernel.threshold is None:
+            kernel = with_global_otsu(image, valid, kernel)
+            log.info("instances: Otsu threshold of the smoothed signal %.6g (whole image)", kernel.threshold)
+        data, need = image, kernel.required_halo
+    else:  # U-Net + watershed, or Mask R-CNN (pipeline.learned_instances)
+        from pipeline.learned_instances import learned_kernel
+
+        kernel, data, need = learned_kernel(store, image, band_names, ds[zstore.IMAGE].attrs.get("nodata"), cfg,
+                                            _pixel_size(ds))  # fmt: skip
+    halo = need if cfg.halo is None else cfg.halo
+    chunked = segment_chunks(data, valid, kernel, halo, cfg.merge_iou)
     scratch = store.with_name(f".{store.name}.instances-local.tmp")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
@@ -111,8 +118,12 @@ def segment_instances(store: Path, cfg: InstanceConfig, progress: bool = True) -
         local = da.from_zarr(str(scratch)).rechunk(chunked.local.chunks)
         attrs: dict[str, Any] = {
             "n_objects": int(plan.n_objects), "method": cfg.method, "halo_px": int(halo),
-            "merge_iou": cfg.merge_iou, "threshold": float(kernel.threshold), "background": 0,
+            "merge_iou": cfg.merge_iou, "background": 0,
         }  # fmt: skip
+        if cfg.method == "classical":
+            attrs["threshold"] = float(kernel.threshold)
+        else:
+            attrs["model"] = str(cfg.learned.model)
         compute(zstore.write_variable(store, zstore.INSTANCES, relabel(local, plan), grid, attrs),
                 label=f"instances: relabel {plan.n_objects} objects", progress=progress,
                 writes=f"instances in {store}")  # fmt: skip

@@ -335,6 +335,8 @@ def _unet_labels(store: Path, image, band_names, nodata, cfg: UNetConfig, class_
 
     assert cfg.model is not None  # checked by SegmentConfig
     spec = load_spec(cfg.model)
+    if spec.arch == "maskrcnn":
+        raise InputError(f"{cfg.model} is a Mask R-CNN (instances, not class probabilities); use an instance method")
     band_idx = check_bands(spec, band_names)
     if class_names and class_names != spec.classes:
         raise InputError(f"config classes {class_names} differ from the model's classes {spec.classes}")
@@ -453,11 +455,15 @@ from pipeline.evaluation import EvaluationResult, evaluate  # noqa: E402
 
 # --------------------------------------------------------------------------- train
 def _read_chips(image, gt, gt_nodata: int, nodata, grid: Grid, area: AreaConfig, tile: int, stride: int,
-                progress: bool, label: str):  # fmt: skip
+                progress: bool, label: str, to_target=None, ignore: int | None = None):  # fmt: skip
     """Chips of ``tile`` px every ``stride`` px inside ``area`` (a bbox, polygons or a mask);
     labels outside the area are ignored, and chips without a labeled pixel are skipped.
 
-    The window spanned by the area (not the raster) is read into memory.
+    The window spanned by the area (not the raster) is read into memory. ``to_target``,
+    if given, maps the whole window's ground truth ``(values (y, x) int64, unlabeled (y, x)
+    bool)`` to the training target before it is cut into chips (so targets such as object
+    outlines see whole objects, not chip-cut ones). Unlabeled pixels become ``ignore``
+    (default: the loss's ignore value, 255).
     """
     from pipeline.evaluation import area_mask_and_window
     from pipeline.segment.training import IGNORE, Chips
@@ -470,12 +476,16 @@ def _read_chips(image, gt, gt_nodata: int, nodata, grid: Grid, area: AreaConfig,
     img, lab = np.asarray(got[0]), np.asarray(got[1]).astype(np.int64)
     inside = np.asarray(got[2]) if mask is not None else np.ones(lab.shape, bool)
     valid = np.ones(img.shape[1:], bool) if nodata is None else ~(img == nodata).all(axis=0)
-    lab[(lab == gt_nodata) | ~valid | ~inside] = IGNORE
+    ignore = IGNORE if ignore is None else ignore
+    unlabeled = (lab == gt_nodata) | ~valid | ~inside
+    if to_target is not None:
+        lab = to_target(lab, unlabeled)
+    lab[unlabeled] = ignore
     h, w = lab.shape
     if h < tile or w < tile:
         raise InputError(f"the {label} area is {w} x {h} px, smaller than one {tile} px chip")
     origins = [(r, c) for r in range(0, h - tile + 1, stride) for c in range(0, w - tile + 1, stride)]
-    keep = [(r, c) for r, c in origins if (lab[r : r + tile, c : c + tile] != IGNORE).any()]
+    keep = [(r, c) for r, c in origins if (lab[r : r + tile, c : c + tile] != ignore).any()]
     log.info("%s area: %d of %d chips hold labeled pixels", label, len(keep), len(origins))
     pick = lambda a, r, c: a[..., r : r + tile, c : c + tile]  # noqa: E731
     return Chips(
@@ -519,16 +529,34 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     if missing:
         raise InputError(f"train.bands {missing} are not in the raster; bands are {band_names}")
     class_names = [c.name for c in classes]
+    to_target, ignore = None, None
+    if cfg.target == "instance_boundary" or cfg.arch == "maskrcnn":
+        from pipeline.learned_instances import check_instance_ground_truth
+
+        check_instance_ground_truth(ground_truth)
+        if cfg.arch == "maskrcnn":  # ids stay ids; unlabeled -1 (background for Mask R-CNN)
+            from pipeline.segment.maskrcnn import CLASSES as class_names
+
+            ignore = -1
+        else:
+            from pipeline.segment.instance_unet import INSTANCE_CLASSES as class_names
+            from pipeline.segment.instance_unet import boundary_targets as to_target
+        if classes:
+            log.info("instance training: the config's classes are not used; the model's classes are %s", class_names)
     if not class_names:
         raise InputError("training needs `classes` in the config")
     image = image[[band_names.index(b) for b in bands]]
     gt, gt_nodata = _gt_array(ground_truth, grid, image.chunks[1:], class_names)
-    tr = _read_chips(image, gt, gt_nodata, nodata, grid, cfg.train_area, cfg.tile, cfg.stride, progress, "training")
-    va = _read_chips(image, gt, gt_nodata, nodata, grid, cfg.val_area, cfg.tile, cfg.tile, progress, "validation")
+    tr = _read_chips(image, gt, gt_nodata, nodata, grid, cfg.train_area, cfg.tile, cfg.stride, progress, "training",
+                     to_target, ignore)  # fmt: skip
+    va = _read_chips(image, gt, gt_nodata, nodata, grid, cfg.val_area, cfg.tile, cfg.tile, progress, "validation",
+                     to_target, ignore)  # fmt: skip
     mean, std = training.band_statistics(tr)
     spec = ModelSpec(
         arch=cfg.arch, encoder=cfg.encoder, encoder_depth=cfg.encoder_depth, decoder_channels=cfg.decoder_channels,
-        bands=bands, mean=mean, std=std, classes=class_names, tile_size=cfg.tile, halo=0, tileseg_version=__version__,
+        bands=bands, mean=mean, std=std, classes=list(class_names), tile_size=cfg.tile, halo=0,
+        tileseg_version=__version__, target="instances" if cfg.arch == "maskrcnn" else cfg.target,
+        anchor_sizes=cfg.maskrcnn.anchor_sizes if cfg.arch == "maskrcnn" else None,
     )  # fmt: skip
     device = resolve_device(cfg.device)
     out = Path(cfg.out).with_suffix(".safetensors")
@@ -536,6 +564,10 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     log_path = out.with_suffix(".log.jsonl")
     log_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
+    if cfg.arch == "maskrcnn":
+        from pipeline.learned_instances import train_maskrcnn_stage
+
+        return train_maskrcnn_stage(spec, tr, va, cfg, ground_truth, device, out, log_path, progress)
 
     def fit(chips, val, epochs: int, patience: int):
         torch.manual_seed(cfg.seed)  # the random initial weights are part of a seeded run

@@ -1,4 +1,4 @@
-"""U-Net (segmentation-models-pytorch) and FCN (torchvision) models: build, save, load, predict.
+"""U-Net (segmentation-models-pytorch), FCN and Mask R-CNN (torchvision) models: build, save, load, predict.
 
 A saved model is two files side by side:
 
@@ -36,8 +36,8 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: str = Field(description="smp architecture name (Unet, UnetPlusPlus, FPN, ...) or 'fcn_resnet50'.")
-    encoder: str = "resnet18"
+    arch: str = Field(description="smp architecture name (Unet, UnetPlusPlus, FPN, ...), 'fcn_resnet50' or 'maskrcnn'.")
+    encoder: str = Field(default="resnet18", description="smp encoder, or the ResNet backbone of a Mask R-CNN.")
     encoder_depth: int = Field(default=5, ge=1, le=5)
     decoder_channels: list[int] | None = None
     bands: list[str] = Field(description="Input band names, in the order the model expects.")
@@ -46,13 +46,21 @@ class ModelSpec(BaseModel):
     classes: list[str] = Field(description="Class names; output channel i is class id i.")
     tile_size: int = Field(description="Training chip edge, pixels.")
     halo: int = Field(default=0, description="Halo (pixels) recommended around each inference window.")
+    target: Literal["semantic", "instance_boundary", "instances"] = Field(
+        default="semantic",
+        description="What the outputs mean: class probabilities ('semantic'), background/interior/boundary "
+        "probabilities for the watershed step ('instance_boundary'), or Mask R-CNN detections ('instances').",
+    )
+    anchor_sizes: list[int] | None = Field(
+        default=None, description="Mask R-CNN only: anchor edge (px) per FPN level; None = tileseg's default."
+    )
     tileseg_version: str = ""
     trained: dict[str, Any] = Field(default_factory=dict, description="Provenance: config, epochs, scores.")
 
     @property
     def divisor(self) -> int:
         """Window edges must be multiples of this (the encoder's total downsampling)."""
-        return 8 if self.arch == "fcn_resnet50" else 2**self.encoder_depth
+        return {"fcn_resnet50": 8, "maskrcnn": 32}.get(self.arch, 2**self.encoder_depth)
 
 
 def build_model(spec: ModelSpec, encoder_weights: str | None = None):
@@ -65,6 +73,10 @@ def build_model(spec: ModelSpec, encoder_weights: str | None = None):
         InputError: unknown architecture or encoder.
     """
     n_in, n_out = len(spec.bands), len(spec.classes)
+    if spec.arch == "maskrcnn":
+        from pipeline.segment.maskrcnn import build_maskrcnn
+
+        return build_maskrcnn(spec)
     if spec.arch == "fcn_resnet50":
         from torchvision.models.segmentation import fcn_resnet50
 
