@@ -194,16 +194,18 @@ class InstanceEvaluation:
     Attributes:
         metrics: the metrics at IoU thresholds 0.50 ... 0.95.
         report: the JSON document written to ``report_instances.json``.
-        json_path, md_path: the report files.
+        json_path, md_path, html_path: the report files.
     """
 
     metrics: InstanceMetrics
     report: dict[str, Any]
     json_path: Path
     md_path: Path
+    html_path: Path
 
     def paths(self) -> dict[str, str]:
-        return {"instance_report_json": str(self.json_path), "instance_report_md": str(self.md_path)}
+        return {"instance_report_json": str(self.json_path), "instance_report_md": str(self.md_path),
+                "instance_report_html": str(self.html_path)}  # fmt: skip
 
     def console(self) -> str:
         """A short plain-text summary for the terminal (IoU 0.5 and the mean AP)."""
@@ -257,7 +259,8 @@ def evaluate_instances(store: Path, cfg: InstanceEvaluateConfig, out_dir: Path, 
     precision, recall, F1, the 2018 Data Science Bowl AP = TP / (TP + FP + FN) at IoU
     thresholds 0.50 ... 0.95, mean matched IoU and panoptic quality. Pixels where the
     ground truth is ``cfg.nodata`` or the image is nodata are left out. Writes
-    ``report_instances.json`` and ``report_instances.md`` in ``out_dir`` (atomically).
+    ``report_instances.json``, ``.md`` and ``.html`` (self-contained) in ``out_dir``
+    (atomically, the JSON last).
 
     Raises:
         InputError: no ``instances`` in the store, a mask on another grid or not of ids.
@@ -288,8 +291,12 @@ def evaluate_instances(store: Path, cfg: InstanceEvaluateConfig, out_dir: Path, 
     json_path, md_path = out_dir / "report_instances.json", out_dir / "report_instances.md"
     md = (f"# Object-level evaluation\n\nPrediction: `{store}` (instances)  \nGround truth: `{cfg.ground_truth}`\n\n"
           f"{metrics.markdown()}\n")  # fmt: skip
-    files.publish_texts([(md_path, md), (json_path, json.dumps(doc, indent=2) + "\n")])
-    return InstanceEvaluation(metrics, doc, json_path, md_path)
+    from pipeline.report_html import render_instances
+
+    html_path = out_dir / "report_instances.html"
+    files.publish_texts([(md_path, md), (html_path, render_instances(doc)),
+                         (json_path, json.dumps(doc, indent=2) + "\n")])  # fmt: skip
+    return InstanceEvaluation(metrics, doc, json_path, md_path, html_path)
 
 
 __all__ = ["InstanceEvaluation", "classical_kernel", "evaluate_instances", "export_instances", "segment_instances"]

@@ -326,3 +326,66 @@ def render(doc: dict[str, Any], m: SemanticMetrics, names: list[str], colours: d
         "</main></body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- object-level page
+def threshold_curves_png(metrics: dict[str, Any]) -> str:
+    """Precision, recall, F1 and AP (DSB) against the IoU threshold, as a base64 PNG."""
+    per, ts = metrics["per_threshold"], metrics["thresholds"]
+    fig = _figure(6.4, 3.2)
+    ax = fig.add_subplot()
+    for key, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"), ("ap", "AP (DSB)")):
+        ys = [np.nan if v is None else v for v in per[key]]
+        ax.plot(ts, ys, marker="o", ms=3, label=label)
+    ax.set_xlabel("IoU threshold")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def render_instances(doc: dict[str, Any]) -> str:
+    """The object-level report (``report_instances.json``'s document) as one self-contained
+    HTML page: summary cards, the per-threshold table, the threshold curves, definitions
+    and provenance."""
+    e = html.escape
+    m = metrics = doc["metrics"]
+    per = metrics["per_threshold"]
+
+    def f(x: Any) -> str:
+        return "n/a" if x is None else (f"{x:.4f}" if isinstance(x, float) else f"{x:,}")
+
+    k50 = metrics["thresholds"].index(0.5) if 0.5 in metrics["thresholds"] else 0
+    cards = [("ground-truth objects", f(m["n_ground_truth"])), ("predicted objects", f(m["n_predicted"])),
+             ("F1 at IoU 0.5", f(m["f1_at_0.5"])), ("AP at IoU 0.5", f(per["ap"][k50])),
+             ("mean AP 0.50:0.95", f(m["mean_ap"])), ("PQ", f(m["pq"]))]  # fmt: skip
+    rows = [{"IoU >": f"{t:.2f}", **{name: f(per[key][i]) for key, name in
+             (("tp", "TP"), ("fp", "FP"), ("fn", "FN"), ("precision", "precision"), ("recall", "recall"),
+              ("f1", "F1"), ("ap", "AP (DSB)"), ("mean_matched_iou", "mean matched IoU"), ("pq", "PQ"))}}
+            for i, t in enumerate(metrics["thresholds"])]  # fmt: skip
+    gt = doc.get("ground_truth", {})
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>tileseg object-level evaluation: {e(str(doc.get('prediction')))}</title><style>{_CSS}</style>"
+        "</head><body><main>",
+        "<h1>tileseg object-level evaluation</h1>",
+        f'<p class="sub">Instances in <code>{e(str(doc.get("prediction")))}</code> against '
+        f"<code>{e(str(gt.get('path')))}</code></p>",
+        '<section id="summary"><div class="cards">'
+        + "".join(f'<div class="card"><div class="v">{e(v)}</div><div class="n">{e(n)}</div></div>' for n, v in cards)
+        + "</div></section>",
+        '<h2>Per IoU threshold</h2><section id="per-threshold">',
+        _table(rows, set(rows[0]) - {"IoU >"} if rows else set()),
+        "</section>",
+        _fig("threshold-curves", threshold_curves_png(metrics), "metrics against the IoU threshold",
+             "Precision, recall, F1 and the Data Science Bowl AP at each matching threshold."),  # fmt: skip
+        "<h2>Definitions</h2>",
+        _table([{"term": k, "definition": v} for k, v in metrics["definitions"].items()]),
+        "<h2>Provenance</h2>",
+        f'<p class="small">tileseg {e(str(doc.get("tileseg_version")))} &middot; config hash '
+        f'<code>{e(str(doc.get("config_hash")))}</code> &middot; ground truth SHA-256 '
+        f'<code>{e(str(gt.get("sha256")))}</code></p>',
+        "</main></body></html>",
+    ]
+    return "\n".join(parts) + "\n"

@@ -55,6 +55,9 @@ def test_nuclei_run_prints_object_metrics(nuclei, repo_root, tmp_path):
     assert doc["metrics"]["per_threshold"]["ap"] == pytest.approx([float(v) for v in m.ap])
     assert f"F1 {m.at(0.5)['f1']:.4f}" in line and f"AP {m.at(0.5)['ap']:.4f}" in line
     assert doc["metrics"]["n_ground_truth"] == len(np.unique(mask)) - 1
+    page = (out / "report_instances.html").read_text()
+    assert "src=\"http" not in page and "data:image/png;base64," in page  # self-contained
+    assert f"{m.at(0.5)['f1']:.4f}" in page
     # the segmentation finds most nuclei (a sanity bound, far below what it reaches)
     assert m.at(0.5)["f1"] > 0.5
 
