@@ -6,8 +6,8 @@ Sides (each in its own child process, see :mod:`tests.benchmarks.harness`):
   (:class:`~pipeline.config.DaskConfig`: 2 worker processes x 1 thread); the cluster is
   started before the clock starts (a run starts it once for all its stages; its start-up
   time is reported as ``startup_s``), and its workers count in the peak RSS.
-- ``tileseg_threads``: the same stage on a LocalCluster of threads (1 worker x 2 threads,
-  ``dask.processes: false``).
+- ``tileseg_threads``: the same stage with ``dask.scheduler: threads`` (no cluster: Dask's
+  threaded scheduler in the process, 2 threads).
 - ``rioxarray``: ``rioxarray.open_rasterio(path, chunks=...)`` followed by ``.to_zarr()``
   with the same chunking (band, T, T) and the same (default) zarr v3 codecs, on Dask's
   default threaded scheduler, as a user would write it.
@@ -37,13 +37,12 @@ SIDES = ("tileseg", "tileseg_threads", "rioxarray")
 
 
 def side_tileseg(src: Path, out: Path, chunk: int, processes: bool) -> None:
-    """Child: ingest with tileseg on a LocalCluster (processes as ``tileseg run``, or threads)."""
+    """Child: ingest with tileseg on a LocalCluster of processes (as ``tileseg run``) or Dask's threaded scheduler."""
     from pipeline import stages
     from pipeline.cluster import dask_client
     from pipeline.config import DaskConfig, IngestConfig
 
-    cfg = DaskConfig(progress=False) if processes else DaskConfig(progress=False, processes=False, n_workers=1,
-                                                                  threads_per_worker=2)  # fmt: skip
+    cfg = DaskConfig(progress=False) if processes else DaskConfig(progress=False, scheduler="threads")
     t0 = time.perf_counter()
     with dask_client(cfg):
         t1 = time.perf_counter()
