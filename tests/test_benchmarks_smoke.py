@@ -24,6 +24,7 @@ def test_unet_vs_monai_benchmark_smoke(repo_root, tmp_path):
     assert row["shape"] == [300, 400]
     assert row["tileseg_mpx_s"] > 0 and row["monai_mpx_s"] > 0
     assert 0.9 < row["label_agreement"] <= 1.0  # same model, window and overlap; edges and grids differ
+    assert row["tileseg_peak_rss_mib"] > 30 and row["monai_peak_rss_mib"] > 30 and row["machine"]["cores"] >= 1
 
 
 def _bench(repo_root, script, tmp_path, *args):
