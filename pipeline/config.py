@@ -112,7 +112,10 @@ class ThresholdConfig(_Model):
         description="A band name or an arithmetic expression over band names (+ - * / ** and parentheses).",
     )
     value: float | None = Field(default=None, description="Fixed threshold. None: Otsu on the whole-raster histogram.")
-    bins: int = Field(default=1024, ge=16, le=1_000_000, description="Histogram bins for Otsu.")
+    bins: int = Field(
+        default=1024, ge=16, le=1_000_000,
+        description="Histogram bins for Otsu. A bare 8- or 16-bit integer band uses one bin per value instead.",
+    )  # fmt: skip
 
 
 class KMeansConfig(_Model):
