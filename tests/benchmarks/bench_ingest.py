@@ -36,7 +36,7 @@ from tests.benchmarks import harness  # noqa: E402
 SIDES = ("tileseg", "tileseg_threads", "rioxarray")
 
 
-def side_tileseg(src: Path, out: Path, chunk: int, processes: bool) -> None:
+def side_tileseg(src: Path, out: Path, chunk: int, processes: bool, profile: str | None) -> None:
     """Child: ingest with tileseg on a LocalCluster of processes (as ``tileseg run``) or Dask's threaded scheduler."""
     from pipeline import stages
     from pipeline.cluster import dask_client
@@ -44,21 +44,22 @@ def side_tileseg(src: Path, out: Path, chunk: int, processes: bool) -> None:
 
     cfg = DaskConfig(progress=False) if processes else DaskConfig(progress=False, scheduler="threads")
     t0 = time.perf_counter()
-    with dask_client(cfg):
+    with dask_client(cfg), harness.py_spy(profile):
         t1 = time.perf_counter()
         stages.ingest([src], out, IngestConfig(chunk_size=chunk), progress=False, overwrite=True)
         t2 = time.perf_counter()
     harness.report_side(wall_s=t2 - t1, startup_s=round(t1 - t0, 3), array=str(out / "image"))
 
 
-def side_rioxarray(src: Path, out: Path, chunk: int) -> None:
+def side_rioxarray(src: Path, out: Path, chunk: int, profile: str | None) -> None:
     """Child: ``rioxarray.open_rasterio(chunks=...).to_zarr()`` on Dask's default (threaded) scheduler."""
     import rioxarray
 
-    t0 = time.perf_counter()
-    arr = rioxarray.open_rasterio(src, chunks={"band": -1, "y": chunk, "x": chunk})
-    arr.to_dataset(name="image").to_zarr(out, mode="w", zarr_format=3, consolidated=True)
-    t1 = time.perf_counter()
+    with harness.py_spy(profile):
+        t0 = time.perf_counter()
+        arr = rioxarray.open_rasterio(src, chunks={"band": -1, "y": chunk, "x": chunk})
+        arr.to_dataset(name="image").to_zarr(out, mode="w", zarr_format=3, consolidated=True)
+        t1 = time.perf_counter()
     harness.report_side(wall_s=t1 - t0, array=str(out / "image"))
 
 
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {SIDES}")
     ap.add_argument("--results", default=str(harness.DEFAULT_RESULTS))
     ap.add_argument("--input", help="use this GeoTIFF instead of generating one")
+    ap.add_argument("--profile", help="folder: record a py-spy profile of each side's timed part there "
+                                      "(<side>.txt) and add its summary to the result (times then include py-spy)")
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side (child)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -76,12 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.side:  # child process
         src, out = Path(args.input), Path(args.out)
         if args.side == "rioxarray":
-            side_rioxarray(src, out, args.chunk)
+            side_rioxarray(src, out, args.chunk, args.profile)
         else:
-            side_tileseg(src, out, args.chunk, processes=args.side == "tileseg")
+            side_tileseg(src, out, args.chunk, args.side == "tileseg", args.profile)
         return
 
     sides = [s for s in args.sides.split(",") if s]
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     src = Path(args.input) if args.input else harness.write_scene_geotiff(
         harness.INPUT_DIR / f"scene_{args.size}.tif", args.size)  # fmt: skip
     harness.warm_file(src)
@@ -95,8 +100,11 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         for side in sides:
             out = work / f"{side}.zarr"
+            prof = [] if not args.profile else ["--profile", str(Path(args.profile).resolve() / f"ingest_{side}.txt")]
             results[side] = harness.run_side([__file__, "--side", side, "--input", str(src), "--out", str(out),
-                                              "--chunk", str(args.chunk)])  # fmt: skip
+                                              "--chunk", str(args.chunk), *prof])  # fmt: skip
+            if prof:
+                results[side].report["profile"] = harness.summarize_profile(prof[1])
         base = "rioxarray"
         row = {"case": "ingest", "shape": [nb, h, w], "dtype": "uint8", "chunk": args.chunk,
                "input": {"file": src.name, "bytes": src.stat().st_size, "compress": "deflate", "tiled": 512},

@@ -45,7 +45,7 @@ from tests.benchmarks import harness  # noqa: E402
 SIDES = ("tileseg", "tileseg_threads", "whole_image")
 
 
-def side_tileseg(src: Path, work: Path, band: str, chunk: int, processes: bool) -> None:
+def side_tileseg(src: Path, work: Path, band: str, chunk: int, processes: bool, profile: str | None) -> None:
     """Child: ingest -> segment (Otsu on ``band``) -> stitch, on a LocalCluster of processes or Dask's threaded scheduler."""
     from pipeline import stages
     from pipeline.cluster import dask_client
@@ -56,7 +56,7 @@ def side_tileseg(src: Path, work: Path, band: str, chunk: int, processes: bool) 
     seg = SegmentConfig(method="threshold", threshold=ThresholdConfig(expression=band, value=None))
     store, cog = work / "scene.zarr", work / "labels.tif"
     t0 = time.perf_counter()
-    with dask_client(cfg):
+    with dask_client(cfg), harness.py_spy(profile):
         t1 = time.perf_counter()
         stages.ingest([src], store, IngestConfig(chunk_size=chunk), progress=False, overwrite=True)
         t2 = time.perf_counter()
@@ -70,23 +70,29 @@ def side_tileseg(src: Path, work: Path, band: str, chunk: int, processes: bool) 
                         output=str(cog))  # fmt: skip
 
 
-def side_whole_image(src: Path, work: Path, band: str, read_all: bool) -> None:
+def side_whole_image(src: Path, work: Path, band: str, read_all: bool, profile: str | None) -> None:
     """Child: read the band whole with rasterio, ``skimage.filters.threshold_otsu``, write a GeoTIFF."""
     import rasterio
     from skimage.filters import threshold_otsu
 
+    def read_band() -> tuple[np.ndarray, dict]:  # named, so that profiles show the GDAL call (py-spy: no C frames)
+        with rasterio.open(src) as ds:
+            index = list(ds.descriptions).index(band) + 1
+            return (ds.read()[index - 1] if read_all else ds.read(index)), ds.profile
+
+    def write_geotiff(labels: np.ndarray, meta: dict) -> None:
+        meta.update(count=1, dtype="uint8", nodata=None, tiled=True, blockxsize=512, blockysize=512, compress="deflate")
+        with rasterio.open(out, "w", **meta) as dst:
+            dst.write(labels, 1)
+
     out = work / "labels_whole.tif"
-    t0 = time.perf_counter()
-    with rasterio.open(src) as ds:
-        index = list(ds.descriptions).index(band) + 1
-        values = ds.read()[index - 1] if read_all else ds.read(index)
-        profile = ds.profile
-    t = threshold_otsu(values)
-    labels = (values > t).astype(np.uint8)
-    profile.update(count=1, dtype="uint8", nodata=None, tiled=True, blockxsize=512, blockysize=512, compress="deflate")
-    with rasterio.open(out, "w", **profile) as dst:
-        dst.write(labels, 1)
-    t1 = time.perf_counter()
+    with harness.py_spy(profile):
+        t0 = time.perf_counter()
+        values, meta = read_band()
+        t = threshold_otsu(values)
+        labels = (values > t).astype(np.uint8)
+        write_geotiff(labels, meta)
+        t1 = time.perf_counter()
     harness.report_side(wall_s=t1 - t0, threshold=float(t), output=str(out))
 
 
@@ -126,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="whole-image side reads only the band (default) or every band")  # fmt: skip
     ap.add_argument("--results", default=str(harness.DEFAULT_RESULTS))
     ap.add_argument("--input", help="use this GeoTIFF instead of generating one")
+    ap.add_argument("--profile", help="folder: record a py-spy profile of each side's timed part there "
+                                      "(<side>.txt) and add its summary to the result (times then include py-spy)")
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side (child)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -133,12 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.side:  # child process
         src, work = Path(args.input), Path(args.work)
         if args.side == "whole_image":
-            side_whole_image(src, work, args.band, args.whole_read == "all")
+            side_whole_image(src, work, args.band, args.whole_read == "all", args.profile)
         else:
-            side_tileseg(src, work, args.band, args.chunk, processes=args.side == "tileseg")
+            side_tileseg(src, work, args.band, args.chunk, args.side == "tileseg", args.profile)
         return
 
     sides = [s for s in args.sides.split(",") if s]
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     src = Path(args.input) if args.input else harness.write_scene_geotiff(
         harness.INPUT_DIR / f"scene_{args.size}.tif", args.size)  # fmt: skip
     harness.warm_file(src)
@@ -153,9 +163,12 @@ def main(argv: list[str] | None = None) -> None:
         for side in sides:
             d = work / side
             d.mkdir()
+            prof = [] if not args.profile else ["--profile", str(Path(args.profile).resolve() / f"otsu_{side}.txt")]
             results[side] = harness.run_side([__file__, "--side", side, "--input", str(src), "--work", str(d),
                                               "--band", args.band, "--chunk", str(args.chunk),
-                                              "--whole-read", args.whole_read])  # fmt: skip
+                                              "--whole-read", args.whole_read, *prof])  # fmt: skip
+            if prof:
+                results[side].report["profile"] = harness.summarize_profile(prof[1])
         base = "whole_image"
         row = {"case": "otsu", "shape": [h, w], "band": args.band, "dtype": "uint8", "chunk": args.chunk,
                "whole_read": args.whole_read, "input": {"file": src.name, "bytes": src.stat().st_size},

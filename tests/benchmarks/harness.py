@@ -19,10 +19,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +177,72 @@ def report_side(**fields: Any) -> None:
 def ratio(baseline_s: float, ours_s: float) -> float:
     """Speed-up of tileseg over the baseline: ``baseline_s / ours_s`` (> 1: tileseg is faster)."""
     return round(baseline_s / ours_s, 3)
+
+
+# --------------------------------------------------------------------------- profiles
+@contextmanager
+def py_spy(out: str | Path | None, rate: int = 100) -> Iterator[None]:
+    """Record a py-spy profile of this process and its child processes (Dask workers) while the
+    block runs, as collapsed stacks (``py-spy record --format raw``) in ``out``; does nothing
+    when ``out`` is None. py-spy attaches before the block starts (about a second).
+
+    Raises:
+        FileNotFoundError: py-spy is not installed next to this Python or on PATH.
+    """
+    if out is None:
+        yield
+        return
+    exe = Path(sys.executable).with_name("py-spy")
+    exe = exe if exe.exists() else Path(shutil.which("py-spy") or "py-spy")
+    if not exe.exists():
+        raise FileNotFoundError("py-spy is not installed (pip install py-spy)")
+    proc = subprocess.Popen([str(exe), "record", "--pid", str(os.getpid()), "--subprocesses", "--format", "raw",
+                             "--rate", str(rate), "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(1.0)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+
+
+#: Profile categories: the first whose keys occur in a stack (collapsed frames) takes the sample.
+PROFILE_CATEGORIES = (
+    ("imports", ("_find_and_load",)),
+    ("GeoTIFF decode (GDAL read)", ("DatasetReaderBase.read", "read_onto_grid", "rioxarray/_io.py", "read_band")),
+    ("zarr encode (zstd)", ("ZstdCodec._encode",)),
+    ("zarr decode (zstd)", ("ZstdCodec._decode",)),
+    ("zarr fill-value scan", ("all_equal",)),
+    ("GeoTIFF / COG write (GDAL)", ("write_cog", "write_geotiff")),
+    ("numpy kernels (index, histogram, Otsu)", ("IndexKernel", "kernel (", "threshold_otsu", "histogram")),
+    ("zarr other (file I/O, event loop)", ("zarr/", "_chain_future")),  # zarr hands work to threads via asyncio
+    ("Dask scheduling, comms, (de)serialization", ("distributed/", "dask/", "pickle", "tornado")),
+)
+#: Leaf frames of threads waiting for work (not counted).
+_IDLE = ("EpollSelector.select", "thread.py:81", "Condition.wait", "Event.wait", "queue.py:1", "_recv", "recv_bytes")
+
+
+def summarize_profile(path: str | Path, rate: int = 100) -> dict[str, Any]:
+    """Shares of a py-spy raw profile's non-idle samples by :data:`PROFILE_CATEGORIES`.
+
+    Returns {"thread_s": seconds of non-idle thread time, "shares": {category: percent}}.
+    A sample counts as idle when its innermost frame waits for work (a selector, a queue, a
+    condition). py-spy samples wall-clock stacks, so a thread waiting for a core under load
+    still counts: on a loaded machine the shares are of time, not of CPU.
+    """
+    counts: dict[str, int] = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        stack, n = line.rsplit(" ", 1)
+        if any(k in stack.rsplit(";", 1)[-1] for k in _IDLE):
+            continue
+        name = next((c for c, keys in PROFILE_CATEGORIES if any(k in stack for k in keys)), "other Python")
+        counts[name] = counts.get(name, 0) + int(n)
+    total = sum(counts.values()) or 1
+    shares = {k: round(100 * v / total, 1) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+    return {"thread_s": round(total / rate, 2), "shares": shares}
 
 
 # --------------------------------------------------------------------------- machine, results
