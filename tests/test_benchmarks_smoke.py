@@ -99,3 +99,18 @@ def test_otsu_benchmark_smoke(repo_root, tmp_path, bench_input):
         agree = row[f"agreement_{side}_vs_whole_image"]
         assert agree["threshold_difference"] == 0 and agree["labels_identical"] and agree["pixels"] == 640000
         assert agree["identical_at_tileseg_threshold"] and row[f"memory_{side}_over_whole_image"] > 0
+
+
+def test_profile_summary_shares_non_idle_samples(tmp_path):
+    from tests.benchmarks.harness import summarize_profile
+
+    raw = tmp_path / "p.txt"
+    raw.write_text(
+        "main (a.py:1);read_onto_grid (pipeline/io/raster.py:204) 30\n"
+        "main (a.py:1);ZstdCodec._encode_sync (zarr/codecs/zstd.py:93) 10\n"
+        "worker (b.py:2);EpollSelector.select (selectors.py:468) 500\n"  # waiting: not counted
+        "main (a.py:1);foo (c.py:3) 10\n"
+    )
+    s = summarize_profile(raw, rate=100)
+    assert s["thread_s"] == 0.5
+    assert s["shares"] == {"GeoTIFF decode (GDAL read)": 60.0, "zarr encode (zstd)": 20.0, "other Python": 20.0}
