@@ -263,7 +263,8 @@ def index_histogram(image: da.Array, index: IndexKernel, edges: np.ndarray, wher
     return per_chunk.sum(axis=(0, 1))
 
 
-def index_labels(image: da.Array, index: IndexKernel, threshold: float, nodata: int, where: str = "segment") -> da.Array:
+def index_labels(image: da.Array, index: IndexKernel, threshold: float, nodata: int,
+                 where: str = "segment") -> da.Array:  # fmt: skip
     """Lazy uint8 (y, x): 1 where the index > ``threshold``, 0 elsewhere, ``nodata`` where it is invalid."""
 
     def kernel(block: np.ndarray) -> np.ndarray:

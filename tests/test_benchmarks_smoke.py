@@ -75,7 +75,8 @@ def test_peak_rss_counts_the_whole_process_tree():
 
     # a parent that only waits for its child, which holds ~300 MiB
     child = "import numpy as np, time; a = np.ones(40_000_000); time.sleep(1.5)"
-    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"])  # fmt: skip
+    spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", spawn])
     with PeakRSS(parent.pid, interval=0.02) as mem:
         parent.wait(timeout=60)
     assert mem.peak > 300 * 2**20

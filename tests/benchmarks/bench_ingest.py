@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                "sides": {s: r.summary(mpx) for s, r in results.items()}}  # fmt: skip
         for s in sides:
             if s != base and base in results:
-                row[f"speedup_{s}_vs_{base}"] = harness.ratio(results[base].report["wall_s"], results[s].report["wall_s"])
+                t_base, t_side = results[base].report["wall_s"], results[s].report["wall_s"]
+                row[f"speedup_{s}_vs_{base}"] = harness.ratio(t_base, t_side)
                 row[f"agreement_{s}_vs_{base}"] = harness.zarr_arrays_equal(results[s].report["array"],
                                                                             results[base].report["array"])  # fmt: skip
         harness.emit(row, args.results)

@@ -46,7 +46,8 @@ SIDES = ("tileseg", "tileseg_threads", "whole_image")
 
 
 def side_tileseg(src: Path, work: Path, band: str, chunk: int, processes: bool, profile: str | None) -> None:
-    """Child: ingest -> segment (Otsu on ``band``) -> stitch, on a LocalCluster of processes or Dask's threaded scheduler."""
+    """Child: ingest -> segment (Otsu on ``band``) -> stitch, on a LocalCluster of processes
+    or on Dask's threaded scheduler."""
     from pipeline import stages
     from pipeline.cluster import dask_client
     from pipeline.config import DaskConfig, IngestConfig, SegmentConfig, StitchConfig, ThresholdConfig
