@@ -30,5 +30,9 @@ test: $(STAMP)
 clean:
 	rm -rf outputs .pytest_cache
 
+# Benchmarks (full sizes, minutes): one JSON line per case, appended to tests/benchmarks/results.jsonl.
 bench: $(STAMP)
+	$(BIN)/tileseg data fetch
+	$(BIN)/python tests/benchmarks/bench_ingest.py
+	$(BIN)/python tests/benchmarks/bench_otsu.py
 	$(BIN)/python tests/benchmarks/bench_unet_monai.py

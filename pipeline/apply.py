@@ -215,6 +215,68 @@ def threshold_labels(values: da.Array, valid: da.Array, threshold: float, nodata
     return da.map_blocks(in_chunk(kernel, where), values, valid, dtype=np.uint8, meta=_meta(np.uint8))
 
 
+# Fused index passes (segment's threshold method). Each maps one kernel over whole (band, y, x)
+# blocks of the image, so reading a chunk and everything done with it is ONE task; composing
+# index_image, valid_mask, finite_range, ... instead made 3 to 6 tasks per chunk, and the
+# Otsu benchmark's profile showed the scheduler's per-task cost, not the arithmetic, bounding segment.
+class IndexKernel:
+    """Per-chunk kernel: ``expr`` over a (band, y, x) block of an image with ``band_names`` ->
+    float64 (y, x), NaN where any band it uses is ``nodata`` or the result is not finite.
+    A plain class, so it pickles to Dask workers."""
+
+    def __init__(self, expr: Expression, band_names: list[str], nodata: float | None):
+        self.expr, self.nodata = expr, nodata
+        self.idx = [band_names.index(n) for n in expr.names]
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        used = block[self.idx]
+        v = self.expr.evaluate(dict(zip(self.expr.names, used)))
+        bad = ~np.isfinite(v)
+        if self.nodata is not None:
+            bad |= (np.isnan(used) if np.isnan(self.nodata) else used == self.nodata).any(axis=0)
+        return np.where(bad, np.nan, v)
+
+
+def index_range(image: da.Array, index: IndexKernel, where: str = "segment") -> da.Array:
+    """Lazy float64 (chunks y, chunks x, 2): per chunk, min and max of the valid index values
+    (NaN, NaN for a chunk without any); the caller reduces them (``np.nanmin`` / ``np.nanmax``)."""
+
+    def kernel(block: np.ndarray) -> np.ndarray:
+        v = index(block)
+        ok = v[~np.isnan(v)]
+        return (np.array([ok.min(), ok.max()]) if ok.size else np.full(2, np.nan))[None, None, :]
+
+    return da.map_blocks(in_chunk(kernel, where), image, drop_axis=0, new_axis=2, chunks=(1, 1, 2),
+                         dtype=np.float64, meta=np.empty((0, 0, 0)))  # fmt: skip
+
+
+def index_histogram(image: da.Array, index: IndexKernel, edges: np.ndarray, where: str = "segment") -> da.Array:
+    """Lazy int64 (len(edges) - 1,) histogram of the valid index values over fixed ``edges``:
+    the sum of per-chunk counts."""
+
+    def kernel(block: np.ndarray) -> np.ndarray:
+        v = index(block)
+        return histogram(v, ~np.isnan(v), edges)[None, None, :]
+
+    per_chunk = da.map_blocks(in_chunk(kernel, where), image, drop_axis=0, new_axis=2, chunks=(1, 1, len(edges) - 1),
+                              dtype=np.int64, meta=np.empty((0, 0, 0), dtype=np.int64))  # fmt: skip
+    return per_chunk.sum(axis=(0, 1))
+
+
+def index_labels(image: da.Array, index: IndexKernel, threshold: float, nodata: int,
+                 where: str = "segment") -> da.Array:  # fmt: skip
+    """Lazy uint8 (y, x): 1 where the index > ``threshold``, 0 elsewhere, ``nodata`` where it is invalid."""
+
+    def kernel(block: np.ndarray) -> np.ndarray:
+        v = index(block)
+        with np.errstate(invalid="ignore"):
+            out = (v > threshold).astype(np.uint8)
+        out[np.isnan(v)] = nodata
+        return out
+
+    return da.map_blocks(in_chunk(kernel, where), image, drop_axis=0, dtype=np.uint8, meta=_meta(np.uint8))
+
+
 def sample_pixels(image: da.Array, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded random pixel positions over the WHOLE raster, independent of the chunking.
 

@@ -10,7 +10,11 @@ is none. :func:`dask_client` picks the cluster from :class:`~pipeline.config.Das
    process per GPU, each seeing only its own GPU (``CUDA_VISIBLE_DEVICES``) and offering
    the resource ``GPU=1``; U-Net inference tasks ask for that resource
    (:func:`gpu_workers_present`), so each GPU runs one inference task at a time;
-3. else a ``LocalCluster`` of ``n_workers`` x ``threads_per_worker``.
+3. else a ``LocalCluster`` of ``n_workers`` x ``threads_per_worker``;
+4. or, with ``scheduler: threads``, no cluster at all: Dask's threaded scheduler in this
+   process with ``n_workers`` x ``threads_per_worker`` threads. Its cost per task is far
+   lower (no scheduler round trip), which the benchmarks showed bounding the classical
+   stages on small machines (README "Performance"); there is no dashboard and no GPU worker.
 
 Workers of an existing cluster may offer ``GPU`` resources too (``dask worker
 --resources GPU=1``); the U-Net tasks then ask for them in the same way.
@@ -118,12 +122,20 @@ def dask_client(cfg: DaskConfig) -> Iterator[Any]:
     With ``cfg.scheduler_address`` it connects to that scheduler and leaves it running
     afterwards; otherwise it starts one worker per GPU when there are GPUs (see the module
     docstring), else a ``LocalCluster``, and closes it at the end. The dashboard link is logged.
+    With ``cfg.scheduler == "threads"`` it starts nothing and yields None: Dask's threaded
+    scheduler runs the block's computations (``n_workers * threads_per_worker`` threads).
 
     Raises:
         ClusterError: the scheduler cannot be reached.
     """
     from distributed import Client, LocalCluster
 
+    if cfg.scheduler == "threads":  # no cluster: Dask's local threaded scheduler (compute() uses it)
+        n = cfg.n_workers * cfg.threads_per_worker
+        log.info("Dask: threaded scheduler in this process, %d threads", n)
+        with dask.config.set(scheduler="threads", num_workers=n):
+            yield None
+        return
     # distributed logs every scheduler, nanny and worker event at INFO; a run shows warnings only
     dlog = logging.getLogger("distributed")
     level = dlog.level

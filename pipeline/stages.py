@@ -45,7 +45,7 @@ from pipeline.errors import InputError
 from pipeline.grid import Grid, iter_windows
 from pipeline.io import raster as rio_io
 from pipeline.io import store as zstore
-from pipeline.segment.classical import Expression, fit_kmeans, majority_mapping, otsu_threshold
+from pipeline.segment.classical import Expression, fit_kmeans, integer_bin_edges, majority_mapping, otsu_threshold
 
 log = logging.getLogger("tileseg")
 
@@ -262,23 +262,32 @@ def segment(
     elif cfg.method == "threshold":
         tc = cfg.threshold
         expr = Expression.parse(tc.expression, band_names)
-        valid = apply.valid_mask(image, [band_names.index(n) for n in expr.names], nodata)
-        values = apply.index_image(image, band_names, expr, where)
+        index = apply.IndexKernel(expr, band_names, nodata)  # one task per chunk and pass (see apply)
         if tc.value is None:
-            lo, hi = compute(*apply.finite_range(values, valid), label="otsu: value range", progress=progress)
-            if not np.isfinite(lo):
-                raise InputError(f"no valid pixel for {tc.expression!r} (all nodata?)")
-            if hi <= lo:
-                raise InputError(f"every valid pixel of {tc.expression!r} is {float(lo):g}: Otsu needs two values; "
-                                 "set segment.threshold.value")  # fmt: skip
-            edges = np.linspace(float(lo), float(hi) if hi > lo else float(lo) + 1.0, tc.bins + 1)
-            (counts,) = compute(apply.global_histogram(values, valid, edges, where), label="otsu: histogram",
+            # a bare 8/16-bit band: one bin per value, no range pass (classical.integer_bin_edges)
+            edges = integer_bin_edges(image.dtype) if expr.band else None
+            if edges is None:
+                (ranges,) = compute(apply.index_range(image, index, where), label="otsu: value range",
+                                    progress=progress)  # fmt: skip
+                ranges = np.asarray(ranges)
+                if np.isnan(ranges[..., 0]).all():
+                    raise InputError(f"no valid pixel for {tc.expression!r} (all nodata?)")
+                lo, hi = float(np.nanmin(ranges[..., 0])), float(np.nanmax(ranges[..., 1]))
+                if hi <= lo:
+                    raise _constant_index(tc.expression, lo)
+                edges = np.linspace(lo, hi, tc.bins + 1)
+            (counts,) = compute(apply.index_histogram(image, index, edges, where), label="otsu: histogram",
                                 progress=progress)  # fmt: skip
+            filled = np.flatnonzero(counts)
+            if filled.size == 0:
+                raise InputError(f"no valid pixel for {tc.expression!r} (all nodata?)")
+            if filled.size == 1:  # (integer bins only: otherwise hi > lo fills two bins)
+                raise _constant_index(tc.expression, edges[filled[0]] + 0.5)
             threshold = otsu_threshold(np.asarray(counts), edges)
             log.info("Otsu threshold of %s: %.6g", tc.expression, threshold)
         else:
             threshold = tc.value
-        labels = apply.threshold_labels(values, valid, threshold, LABEL_NODATA, where)
+        labels = apply.index_labels(image, index, threshold, LABEL_NODATA, where)
         attrs.update(expression=tc.expression, threshold=threshold, otsu=tc.value is None)
         if not class_names:
             class_names = ["below", "above"]
@@ -321,6 +330,11 @@ def segment(
     attrs["class_names"] = class_names
     resume.write_labels(store, cfg, labels, probabilities, grid, attrs, where, progress, overwrite)
     return store
+
+
+def _constant_index(expression: str, value: float) -> InputError:
+    return InputError(f"every valid pixel of {expression!r} is {float(value):g}: Otsu needs two values; "
+                      "set segment.threshold.value")  # fmt: skip
 
 
 def _unet_labels(store: Path, image, band_names, nodata, cfg: UNetConfig, class_names: list[str], where: str):
@@ -405,15 +419,10 @@ def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] |
     windows = list(iter_windows(grid.height, grid.width, chunk))
     bar = tqdm(total=len(windows), desc=f"stitch -> {Path(out).name}", unit="chunk", disable=not progress)
 
-    def blocks():
-        for w in windows:
-            arr = labels.isel(y=slice(w.row_off, w.row_off + w.height), x=slice(w.col_off, w.col_off + w.width))
-            yield w, np.asarray(arr.values)
-
     tags = {resume.OWNER_TAG: owner, **({resume.LABELS_TAG: labels_key} if labels_key else {})}
     try:
         rio_io.write_cog(
-            out, grid, str(labels.dtype), nodata, blocks(),
+            out, grid, str(labels.dtype), nodata, zstore.iter_blocks(store, zstore.LABELS, windows),
             colormap=class_colormap(class_names, classes) if labels.dtype == np.uint8 else None,
             class_names=class_names, blocksize=cfg.blocksize, compress=cfg.compress,
             overview_resampling=cfg.overview_resampling, on_block=lambda: bar.update(1), tags=tags,

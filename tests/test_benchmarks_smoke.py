@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -23,3 +24,94 @@ def test_unet_vs_monai_benchmark_smoke(repo_root, tmp_path):
     assert row["shape"] == [300, 400]
     assert row["tileseg_mpx_s"] > 0 and row["monai_mpx_s"] > 0
     assert 0.9 < row["label_agreement"] <= 1.0  # same model, window and overlap; edges and grids differ
+    assert row["tileseg_peak_rss_mib"] > 30 and row["monai_peak_rss_mib"] > 30 and row["machine"]["cores"] >= 1
+
+
+def _bench(repo_root, script, tmp_path, *args):
+    out = tmp_path / "results.jsonl"
+    r = subprocess.run([sys.executable, f"tests/benchmarks/{script}", "--results", str(out), *args],
+                       cwd=repo_root, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1 and json.loads(r.stdout.strip().splitlines()[-1]) == rows[0]  # printed and appended
+    return rows[0]
+
+
+def _check_sides(row, names):
+    assert set(row["sides"]) == set(names)
+    for side in row["sides"].values():
+        assert side["wall_s"] > 0 and side["mpx_s"] > 0 and side["peak_rss_mib"] > 30
+    assert row["machine"]["cores"] >= 1 and "load_1m" in row["machine"]
+
+
+@pytest.fixture(scope="module")
+def bench_input(repo_root, tmp_path_factory):
+    from pipeline.io.sample import fetch_sample
+    from tests.benchmarks import harness
+
+    fetch_sample(repo_root / "data" / "cache")
+    path = harness.write_scene_geotiff(tmp_path_factory.mktemp("bench") / "scene_800.tif", 800, blocksize=256)
+    return path
+
+
+def test_bench_input_is_the_mirrored_scene(bench_input):
+    import rasterio
+
+    from tests.benchmarks import harness
+
+    scene, crs, transform = harness.scene_uint8()
+    with rasterio.open(bench_input) as src:
+        assert (src.count, src.height, src.width, src.dtypes[0]) == (4, 800, 800, "uint8")
+        assert src.compression.name == "deflate" and src.block_shapes[0] == (256, 256)
+        assert src.descriptions == harness.SCENE_BANDS and src.crs == crs and src.transform == transform
+        data = src.read()
+    np.testing.assert_array_equal(data[:, :768], scene[:, :, :800])  # the scene is 768 x 1536 px
+    np.testing.assert_array_equal(data[:, 768:], scene[:, 767:735:-1, :800])  # then mirrored
+    assert harness.mirror_index(8, 3).tolist() == [0, 1, 2, 2, 1, 0, 0, 1]
+
+
+def test_peak_rss_counts_the_whole_process_tree():
+    from tests.benchmarks.harness import PeakRSS
+
+    # a parent that only waits for its child, which holds ~300 MiB
+    child = "import numpy as np, time; a = np.ones(40_000_000); time.sleep(1.5)"
+    spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", spawn])
+    with PeakRSS(parent.pid, interval=0.02) as mem:
+        parent.wait(timeout=60)
+    assert mem.peak > 300 * 2**20
+
+
+def test_ingest_benchmark_smoke(repo_root, tmp_path, bench_input):
+    row = _bench(repo_root, "bench_ingest.py", tmp_path, "--input", str(bench_input), "--chunk", "128")
+    assert row["case"] == "ingest" and row["shape"] == [4, 800, 800]
+    _check_sides(row, ["tileseg", "tileseg_threads", "rioxarray"])
+    for side in ("tileseg", "tileseg_threads"):
+        agree = row[f"agreement_{side}_vs_rioxarray"]
+        assert agree["equal"] and agree["chunks"] == 49 and agree["differing_values"] == 0
+        assert row[f"speedup_{side}_vs_rioxarray"] > 0
+
+
+def test_otsu_benchmark_smoke(repo_root, tmp_path, bench_input):
+    row = _bench(repo_root, "bench_otsu.py", tmp_path, "--input", str(bench_input), "--chunk", "128")
+    assert row["case"] == "otsu" and row["shape"] == [800, 800]
+    _check_sides(row, ["tileseg", "tileseg_threads", "whole_image"])
+    for side in ("tileseg", "tileseg_threads"):
+        agree = row[f"agreement_{side}_vs_whole_image"]
+        assert agree["threshold_difference"] == 0 and agree["labels_identical"] and agree["pixels"] == 640000
+        assert agree["identical_at_tileseg_threshold"] and row[f"memory_{side}_over_whole_image"] > 0
+
+
+def test_profile_summary_shares_non_idle_samples(tmp_path):
+    from tests.benchmarks.harness import summarize_profile
+
+    raw = tmp_path / "p.txt"
+    raw.write_text(
+        "main (a.py:1);read_onto_grid (pipeline/io/raster.py:204) 30\n"
+        "main (a.py:1);ZstdCodec._encode_sync (zarr/codecs/zstd.py:93) 10\n"
+        "worker (b.py:2);EpollSelector.select (selectors.py:468) 500\n"  # waiting: not counted
+        "main (a.py:1);foo (c.py:3) 10\n"
+    )
+    s = summarize_profile(raw, rate=100)
+    assert s["thread_s"] == 0.5
+    assert s["shares"] == {"GeoTIFF decode (GDAL read)": 60.0, "zarr encode (zstd)": 20.0, "other Python": 20.0}

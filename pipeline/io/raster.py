@@ -318,7 +318,10 @@ def write_cog(
         "tiled": True,
         "blockxsize": blocksize,
         "blockysize": blocksize,
-        "compress": "deflate",
+        # The temporary file is read once by the COG driver: zstd level 1 encodes it about 8 times
+        # faster than deflate (the COG keeps ``compress``; see README "Performance").
+        "compress": "zstd",
+        "zstd_level": 1,
         "BIGTIFF": "IF_SAFER",
     }
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,15 @@ def _coords(grid: Grid) -> dict[str, Any]:
     return {"y": grid.y_centres(), "x": grid.x_centres()}
 
 
-def _to_zarr(ds: xr.Dataset, path: Path, mode: str, encoding: dict[str, Any]) -> Any:
+def _to_zarr(ds: xr.Dataset, path: Path, mode: str, encoding: dict[str, Any], write_empty_chunks: bool | None = None
+             ) -> Any:  # fmt: skip
     if mode == "a":  # appending replaces the group's attributes: keep the store's (the ingest manifest)
         ds = ds.assign_attrs({**read_root_attrs(path), **ds.attrs})
     with warnings.catch_warnings():
         # zarr v3 warns that consolidated metadata is an extension; xarray relies on it.
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        return ds.to_zarr(path, mode=mode, zarr_format=3, consolidated=True, encoding=encoding, compute=False)
+        return ds.to_zarr(path, mode=mode, zarr_format=3, consolidated=True, encoding=encoding, compute=False,
+                          write_empty_chunks=write_empty_chunks)
 
 
 def image_dataset(image: da.Array, grid: Grid, band_names: list[str], nodata: float | None) -> xr.Dataset:
@@ -75,14 +78,32 @@ def image_dataset(image: da.Array, grid: Grid, band_names: list[str], nodata: fl
     return _georeference(arr.to_dataset(), grid)
 
 
+#: zstd level of the ``image`` array (zarr's default is level 3, see :func:`write_image`).
+IMAGE_ZSTD_LEVEL = 1
+
+
 def write_image(ds: xr.Dataset, path: Path, chunk: int) -> Any:
     """Prepare writing the image Dataset to a new store at ``path``; returns a Dask delayed to compute.
 
     Dask chunks must equal storage chunks (band, chunk, chunk) so each task writes
     whole zarr chunks that no other task writes.
+
+    Two choices come from the ingest profile (``tests/benchmarks/bench_ingest.py``, README
+    "Performance"), where zarr's chunk encoding and its per-chunk bookkeeping took about as
+    much worker time as decoding the GeoTIFF:
+
+    - zstd at level :data:`IMAGE_ZSTD_LEVEL` (1) instead of zarr's default level 3: on
+      the sample's uint8 chunks it encodes about 1.7 times faster for chunks about 13%
+      larger, and decodes as fast;
+    - every chunk is written (``write_empty_chunks=True``): otherwise zarr compares each
+      chunk with the fill value before writing it, on its single I/O thread, to skip
+      all-fill chunks. An all-nodata chunk now costs a small file instead.
     """
+    from zarr.codecs import ZstdCodec
+
     nb = ds[IMAGE].shape[0]
-    return _to_zarr(ds, path, "w", {IMAGE: {"chunks": (nb, chunk, chunk)}})
+    encoding = {IMAGE: {"chunks": (nb, chunk, chunk), "compressors": [ZstdCodec(level=IMAGE_ZSTD_LEVEL)]}}
+    return _to_zarr(ds, path, "w", encoding, write_empty_chunks=True)
 
 
 def _consolidate(store: Path) -> None:
@@ -279,9 +300,39 @@ def read_region(store: str | Path, bands: list[int], r0: int, r1: int, c0: int, 
 
     try:
         arr = zarr.open_array(Path(store) / IMAGE, mode="r")
-        return np.asarray(arr.oindex[list(bands), r0:r1, c0:c1])
+        bands = list(bands)
+        if bands and bands == list(range(bands[0], bands[-1] + 1)):  # a slice: ~3x faster than oindex
+            return np.asarray(arr[bands[0] : bands[-1] + 1, r0:r1, c0:c1])
+        return np.asarray(arr.oindex[bands, r0:r1, c0:c1])
     except Exception as exc:  # zarr raises many types for missing or damaged chunks
         raise RasterIOError(f"cannot read image[{r0}:{r1}, {c0}:{c1}] from {store}: {exc}") from None
+
+
+def iter_blocks(store: str | Path, name: str, windows: list[Any]) -> Iterator[tuple[Any, np.ndarray]]:
+    """Yield (window, ``name[..., rows, cols]``) for each rasterio ``Window``, read straight from
+    zarr in this process: shape (window.height, window.width) for a (y, x) array.
+
+    For the single-process COG writer (stitch): going through Dask instead costs a scheduler
+    round trip per chunk, which the Otsu benchmark's profile showed taking most of stitch's
+    time (README "Performance").
+
+    Raises:
+        RasterIOError: the array or one of its chunks cannot be read.
+    """
+    import zarr
+
+    try:
+        arr = zarr.open_array(Path(store) / name, mode="r")
+    except Exception as exc:  # zarr raises many types for a missing or damaged array
+        raise RasterIOError(f"cannot open {name} in {store}: {exc}") from None
+    for w in windows:
+        r0, c0 = int(w.row_off), int(w.col_off)
+        r1, c1 = r0 + int(w.height), c0 + int(w.width)
+        try:
+            block = np.asarray(arr[..., r0:r1, c0:c1])
+        except Exception as exc:
+            raise RasterIOError(f"cannot read {name}[{r0}:{r1}, {c0}:{c1}] from {store}: {exc}") from None
+        yield w, block
 
 
 def open_store(path: str | Path) -> xr.Dataset:

@@ -71,6 +71,11 @@ class Expression:
             raise ConfigError(f"expression {text!r} uses no band")
         return cls(text, tree, tuple(dict.fromkeys(names)))
 
+    @property
+    def band(self) -> str | None:
+        """The band's name when the expression is a bare band (``B08``, ``(B08)``), else None."""
+        return self.tree.id if isinstance(self.tree, ast.Name) else None
+
     def evaluate(self, bands: dict[str, np.ndarray]) -> np.ndarray:
         """Evaluate on arrays of identical shape (y, x); computed in float64.
 
@@ -104,19 +109,42 @@ def histogram(values: np.ndarray, valid: np.ndarray, edges: np.ndarray) -> np.nd
     return counts.astype(np.int64)
 
 
+def integer_bin_edges(dtype: np.dtype | str) -> np.ndarray | None:
+    """Histogram edges with one unit bin centred on every value of an 8- or 16-bit integer
+    ``dtype`` (``v - 0.5 .. v + 0.5``; 256 or 65536 bins), or None for any other dtype.
+
+    With them the histogram of integer data is exact and its bin centres are the values, as in
+    ``skimage.filters.threshold_otsu`` on an integer image (one bin per value from the minimum
+    to the maximum), so :func:`otsu_threshold` gives the same threshold and ``values > t``
+    the same labels; and no pass over the data is needed to find the range first.
+    """
+    dt = np.dtype(dtype)
+    if dt.kind not in "iu" or dt.itemsize > 2:
+        return None
+    info = np.iinfo(dt)
+    return np.arange(info.min - 0.5, info.max + 1.0, 1.0)
+
+
 def otsu_threshold(counts: np.ndarray, edges: np.ndarray) -> float:
     """Otsu's threshold from a histogram, via ``skimage.filters.threshold_otsu(hist=...)``.
 
+    Empty bins below the first and above the last filled bin are dropped first, so a histogram
+    over a dtype's whole range gives the threshold of the data's own range. The threshold is
+    a bin centre: pixels strictly above it are foreground.
+
     Source: N. Otsu, "A threshold selection method from gray-level histograms",
-    IEEE Trans. SMC 9(1), 1979. Pixels strictly above the returned value are foreground.
+    IEEE Trans. SMC 9(1), 1979.
 
     Raises:
         InputError: the histogram is empty.
     """
     from skimage.filters import threshold_otsu
 
-    if counts.sum() == 0:
+    filled = np.flatnonzero(counts)
+    if filled.size == 0:
         raise InputError("no valid pixel to compute an Otsu threshold (all nodata?)")
+    first, last = filled[0], filled[-1]
+    counts, edges = counts[first : last + 1], edges[first : last + 2]
     centres = (edges[:-1] + edges[1:]) / 2
     return float(threshold_otsu(hist=(counts, centres)))
 

