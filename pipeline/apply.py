@@ -174,16 +174,6 @@ def read_store_image(store: str, shape: tuple[int, int, int], chunks: tuple[tupl
                          token="tileseg-image")  # fmt: skip
 
 
-def index_image(image: da.Array, band_names: list[str], expr: Expression, where: str = "segment") -> da.Array:
-    """Lazy float64 (y, x) spectral index from a band expression."""
-    idx = [band_names.index(n) for n in expr.names]
-
-    def kernel(block: np.ndarray) -> np.ndarray:
-        return expr.evaluate({n: block[k] for k, n in enumerate(expr.names)})
-
-    return da.map_blocks(in_chunk(kernel, where), image[idx], drop_axis=0, dtype=np.float64, meta=_meta(np.float64))
-
-
 def finite_range(values: da.Array, valid: da.Array) -> tuple[da.Array, da.Array]:
     """Lazy (min, max) of ``values`` over valid, finite pixels (NaN when there is none)."""
     ok = valid & da.isfinite(values)
@@ -203,21 +193,9 @@ def global_histogram(values: da.Array, valid: da.Array, edges: np.ndarray, where
     return per_chunk.sum(axis=(0, 1))
 
 
-def threshold_labels(values: da.Array, valid: da.Array, threshold: float, nodata: int,
-                     where: str = "segment") -> da.Array:  # fmt: skip
-    """uint8 (y, x): 1 where ``values > threshold``, 0 elsewhere, ``nodata`` where invalid or non-finite."""
-
-    def kernel(v: np.ndarray, ok: np.ndarray) -> np.ndarray:
-        out = (v > threshold).astype(np.uint8)
-        out[~(ok & np.isfinite(v))] = nodata
-        return out
-
-    return da.map_blocks(in_chunk(kernel, where), values, valid, dtype=np.uint8, meta=_meta(np.uint8))
-
-
 # Fused index passes (segment's threshold method). Each maps one kernel over whole (band, y, x)
 # blocks of the image, so reading a chunk and everything done with it is ONE task; composing
-# index_image, valid_mask, finite_range, ... instead made 3 to 6 tasks per chunk, and the
+# a separate index pass, valid_mask, finite_range, ... instead made 3 to 6 tasks per chunk, and the
 # Otsu benchmark's profile showed the scheduler's per-task cost, not the arithmetic, bounding segment.
 class IndexKernel:
     """Per-chunk kernel: ``expr`` over a (band, y, x) block of an image with ``band_names`` ->
