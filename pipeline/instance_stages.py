@@ -172,10 +172,9 @@ def export_instances(store: Path, out_dir: Path, cfg: InstanceConfig, progress: 
         written["label_tiff"] = write_label_tiff(ids, out_dir / "instances.tif", pixel_size_um=pixel,
                                                  progress=progress)  # fmt: skip
     if grid.crs_wkt is not None:
-        chunk = ids.chunksize[0]
-        windows = [(w, np.asarray(ids[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width]))
-                   for w in _windows(grid, chunk)]  # fmt: skip
-        written["cog"] = write_cog(out_dir / "instances_cog.tif", grid, str(ids.dtype), None, iter(windows),
+        blocks = ((w, np.asarray(ids[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width]))
+                  for w in _windows(grid, ids.chunksize[0]))  # a generator: one block in memory at a time
+        written["cog"] = write_cog(out_dir / "instances_cog.tif", grid, str(ids.dtype), None, blocks,
                                    description="instance ids (0 = background)")  # fmt: skip
     return written
 

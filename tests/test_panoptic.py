@@ -108,3 +108,12 @@ def test_unknown_thing_class_is_refused(scene):
     bad = InstanceConfig(bands=["B03"], max_diameter=20, thing_classes=["roads"])
     with pytest.raises(ConfigError, match="roads"):
         instance_stages.panoptic_labels(scene["store"], bad, progress=False)
+
+
+def test_georeferenced_instances_export_as_a_cog(scene):
+    paths = instance_stages.export_instances(scene["store"], scene["dir"] / "exp", scene["cfg"], progress=False)
+    assert set(paths) == {"cog"}  # no OME-Zarr for a georeferenced store unless asked
+    ds = xr.open_zarr(scene["store"])
+    with rasterio.open(paths["cog"]) as src:
+        assert src.crs == rasterio.crs.CRS.from_string(synth.CRS) and src.dtypes[0] == str(ds["instances"].dtype)
+        np.testing.assert_array_equal(src.read(1), ds["instances"].values)
