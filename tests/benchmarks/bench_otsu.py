@@ -128,14 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=8192, help="raster edge in pixels (size x size)")
     ap.add_argument("--band", default="B08", help="band to threshold (B02, B03, B04 or B08)")
     ap.add_argument("--chunk", type=int, default=512, help="tileseg chunk edge T")
-    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {SIDES}")
     ap.add_argument("--whole-read", choices=("band", "all"), default="band",
                     help="whole-image side reads only the band (default) or every band")  # fmt: skip
-    ap.add_argument("--results", default=str(harness.DEFAULT_RESULTS))
-    ap.add_argument("--input", help="use this GeoTIFF instead of generating one")
-    ap.add_argument("--profile", help="folder: record a py-spy profile of each side's timed part there "
-                                      "(<side>.txt) and add its summary to the result (times then include py-spy)")
-    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side (child)
+    harness.side_arguments(ap, SIDES)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 

@@ -16,6 +16,8 @@ and mirrors them to any size as a tiled, deflate-compressed GeoTIFF, written str
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import platform
@@ -44,6 +46,17 @@ SCENE_BANDS = ("B02", "B03", "B04", "B08")
 
 
 # --------------------------------------------------------------------------- memory
+def side_arguments(ap: Any, sides: tuple[str, ...]) -> None:
+    """The options every side-by-side benchmark script shares: --sides, --results, --input,
+    --profile, and the internal --side (a child process runs one side)."""
+    ap.add_argument("--sides", default=",".join(sides), help=f"comma-separated subset of {sides}")
+    ap.add_argument("--results", default=str(DEFAULT_RESULTS))
+    ap.add_argument("--input", help="use this GeoTIFF instead of generating one")
+    ap.add_argument("--profile", help="folder: record a py-spy profile of each side's timed part there "
+                                      "(<side>.txt) and add its summary to the result (times then include py-spy)")
+    ap.add_argument("--side", choices=sides, help=argparse.SUPPRESS)  # internal: run one side (child)
+
+
 def tree_rss(pid: int) -> int:
     """Resident set size in bytes of process ``pid`` plus all its descendants (now).
 
