@@ -79,12 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             side_tileseg(src, out, args.chunk, args.side == "tileseg", args.profile)
         return
 
-    sides = [s for s in args.sides.split(",") if s]
-    if args.profile:
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
-    src = Path(args.input) if args.input else harness.write_scene_geotiff(
-        harness.INPUT_DIR / f"scene_{args.size}.tif", args.size)  # fmt: skip
-    harness.warm_file(src)
+    sides, src = harness.prepare_input(args)
     import rasterio
 
     with rasterio.open(src) as ds:

@@ -57,6 +57,18 @@ def side_arguments(ap: Any, sides: tuple[str, ...]) -> None:
     ap.add_argument("--side", choices=sides, help=argparse.SUPPRESS)  # internal: run one side (child)
 
 
+def prepare_input(args: Any) -> tuple[list[str], Path]:
+    """The parent's start for a side-by-side script: the chosen sides, the profile folder
+    (created), and the input GeoTIFF (``--input``, or the scene written at ``--size`` px),
+    read once so that the first side does not pay for a cold page cache."""
+    sides = [s for s in args.sides.split(",") if s]
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    src = Path(args.input) if args.input else write_scene_geotiff(INPUT_DIR / f"scene_{args.size}.tif", args.size)
+    warm_file(src)
+    return sides, src
+
+
 def tree_rss(pid: int) -> int:
     """Resident set size in bytes of process ``pid`` plus all its descendants (now).
 
