@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -32,6 +33,7 @@ import dask
 
 from pipeline.config import DaskConfig
 from pipeline.errors import TilesegError, io_failure
+from pipeline.io.files import usable_cpus
 
 log = logging.getLogger("tileseg")
 
@@ -274,5 +276,15 @@ def _compute_in_order(objs: tuple[Any, ...], label: str, progress: bool) -> tupl
         ctx: Any = ProgressBar(minimum=0.5)
     else:
         ctx = nullcontext()
-    with ctx:
-        return dask.compute(*objs)
+    if dask.config.get("scheduler", None) not in (None, "threads", "threading"):
+        with ctx:
+            return dask.compute(*objs)
+    # Dask's threaded scheduler returns on the first failed task while its pool still runs
+    # others; a private pool is shut down (waiting for those, cancelling queued ones) before
+    # the error reaches the caller, which may then delete the partial output they write to.
+    pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or usable_cpus())
+    try:
+        with ctx:
+            return dask.compute(*objs, scheduler="threads", pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

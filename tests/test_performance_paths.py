@@ -81,6 +81,33 @@ def test_fused_index_passes_equal_the_whole_array_computation():
         np.testing.assert_array_equal(labels, np.where(ok, v > 0.1, 255).astype(np.uint8))
 
 
+@pytest.mark.parametrize("dtype, nodata", [("uint8", 0.0), ("uint8", None), ("uint16", 65535.0), ("int16", -9999.0)])
+def test_integer_band_fast_path_equals_the_float_index(dtype, nodata):
+    """A bare 8/16-bit band is histogrammed with bincount and thresholded on integers; both
+    must equal the float64 index path (np.histogram over unit bins, ``v > t``) on every pixel."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(7)
+    img = rng.integers(info.min, info.max, size=(2, 70, 90), endpoint=True).astype(dtype)
+    img[0, :3, :5] = [info.min, info.max, 1, 2, 3]
+    if nodata is not None:
+        img[0, 40:50, 10:30] = nodata
+    names = ["a", "b"]
+    v = img[0].astype(np.float64)
+    ok = np.ones(v.shape, bool) if nodata is None else img[0] != nodata
+    edges = integer_bin_edges(dtype)
+    index = apply.IndexKernel(Expression.parse("a", names), names, nodata)
+    assert index.integer_band(img) is not None
+    image = da.from_array(img, chunks=(2, 32, 32))
+    (counts,) = dask.compute(apply.index_histogram(image, index, edges))
+    np.testing.assert_array_equal(counts, np.histogram(v[ok], bins=edges)[0])
+    for t in (info.min - 3.0, float(info.min), 1.0, 1.5, 127.25, float(info.max) - 0.5, float(info.max), 1e9):
+        (labels,) = dask.compute(apply.index_labels(image, index, t, 255))
+        np.testing.assert_array_equal(labels, np.where(ok, v > t, 255).astype(np.uint8), err_msg=f"t={t}")
+    # an index that is not a bare band, or a float band, takes the float path
+    assert apply.IndexKernel(Expression.parse("a + 0", names), names, nodata).integer_band(img) is None
+    assert index.integer_band(img.astype(np.float32)) is None
+
+
 def test_threads_scheduler_runs_stages_in_this_process(tmp_path, scene):
     with dask_client(DaskConfig(scheduler="threads", n_workers=2, threads_per_worker=1)) as client:
         assert client is None

@@ -1,4 +1,4 @@
-"""Plain files: checksums of inputs, JSON reads, and atomic writes of report files."""
+"""Plain files: checksums of inputs, JSON reads, and atomic writes of report files; the CPU count."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ from pipeline.errors import InputError, MissingFileError, RasterIOError, io_fail
 
 #: Files that make up one Shapefile dataset, hashed together.
 _SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (a container's or a pinned worker's
+    limit), or ``os.cpu_count()`` where there is none (not Linux)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
 
 
 def sha256_file(path: str | Path, h: Any = None) -> str:

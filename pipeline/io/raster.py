@@ -27,6 +27,7 @@ from rasterio.windows import Window
 
 from pipeline.errors import InputError, MissingFileError, RasterIOError, io_failure
 from pipeline.grid import Grid
+from pipeline.io.files import usable_cpus
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,10 @@ def write_cog(
                 COMPRESS=compress.upper(),
                 OVERVIEW_RESAMPLING=overview_resampling.upper(),
                 BIGTIFF="IF_SAFER",
+                # Compress the COG's tiles (and overviews) on every core this process may use:
+                # the copy is the one serial step of stitch (1.1 s instead of 2.0 s for an
+                # 8192 x 8192 label raster on 2 cores; README "Performance").
+                NUM_THREADS=str(usable_cpus()),
             )
         os.replace(final_tmp, out)
     except RasterIOError:
