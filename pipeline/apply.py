@@ -477,56 +477,6 @@ def confusion(
     return per_chunk.sum(axis=(0, 1))
 
 
-def _unet_block(store, band_idx, shape, wgrid, kind, model_path, device, batch_size, nodata, n_classes,
-                block_info=None) -> np.ndarray:  # fmt: skip
-    from pipeline.blend import blend_region, window_weights
-    from pipeline.io.store import read_region
-    from pipeline.segment.unet import cached_model, normalise, predict_probabilities
-
-    loc = block_info[None]["array-location"]
-    (r0, r1), (c0, c1) = loc[1], loc[2]
-    net, spec = cached_model(model_path, device)
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        valid = None if nodata is None else ~(batch == nodata).all(axis=1)
-        return predict_probabilities(net, normalise(batch, spec, valid), device)
-
-    probs = blend_region(
-        lambda a, b, c, d: read_region(store, band_idx, a, b, c, d),
-        shape, (r0, r1), (c0, c1), wgrid, window_weights(wgrid.window, kind), predict, n_classes, batch_size,
-    )  # fmt: skip
-    return probs.astype(np.float32)
-
-
-def unet_probabilities(
-    store: str,
-    image: da.Array,
-    band_idx: list[int],
-    wgrid: Any,
-    kind: str,
-    model_path: str,
-    device: str,
-    batch_size: int,
-    nodata: float | None,
-    n_classes: int,
-    where: str = "segment (unet)",
-) -> da.Array:
-    """Lazy float32 (class, y, x) blended probabilities, chunked like ``image`` in (y, x).
-
-    Each task computes one output chunk by running every window of the global grid
-    that touches it (reading the chunk plus the halo those windows need straight from
-    the store), so the result does not depend on the chunking (see :mod:`pipeline.blend`).
-    The model is loaded once per worker process (:func:`pipeline.segment.unet.cached_model`).
-    """
-    shape = image.shape[1:]
-    chunks = ((n_classes,),) + image.chunks[1:]
-    return da.map_blocks(
-        in_chunk(_unet_block, where), store, band_idx, shape, wgrid, kind, model_path, device, batch_size, nodata,
-        n_classes,
-        chunks=chunks, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32), token="tileseg-unet",
-    )  # fmt: skip
-
-
 def argmax_labels(probs: da.Array, valid: da.Array, nodata: int, where: str = "segment (unet)") -> da.Array:
     """uint8 (y, x): the most probable class (lowest id on ties), ``nodata`` where not valid."""
 

@@ -9,8 +9,22 @@ to a pixel depends only on the window's position, never on the chunking, so ever
 output chunk that recomputes the windows touching it gets the same sums as a
 single-piece run (design note "Chunk recomputes its windows").
 
+Two placements (``WindowGrid.placement``):
+
+- ``centred`` (default): the origins above; the raster's edge pixels get a window's
+  centre, with reflected context.
+- ``edge``: MONAI's ``sliding_window_inference`` placement (``monai.data.utils.dense_patch_slices``):
+  origins ``0, S, 2S, ...`` with ``S = int(W * (1 - overlap))``, the last one moved back to
+  ``size - W`` so that no window leaves the raster (reflection only when the raster is
+  smaller than a window, where MONAI pads with zeros instead).
+
 Blending (per pixel): ``P = sum_w weight_w * softmax_w / sum_w weight_w``, normalised
 by the summed weights, not by a constant, so raster edges and partial covers are right.
+The sums are accumulated in 64-bit fixed point (each term rounded to a multiple of
+``1 / FIXED_POINT``): integer addition does not depend on its order, so a pixel's sums are
+bit-identical however its windows are grouped into tasks (:mod:`pipeline.inference` runs
+each window once and adds the windows of neighbouring chunks together), at a rounding
+of about 1e-12, far below float32 probabilities' resolution.
 
 Axis order: (y, x) for grids, (C, y, x) for images, (K, y, x) for probabilities.
 """
@@ -19,13 +33,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from pipeline.errors import ConfigError
 
 WindowKind = Literal["hann", "gaussian"]
+Placement = Literal["centred", "edge"]
+
+#: Scale of the fixed-point sums: 2**40. A term is at most 2**40 (probability and weight <= 1);
+#: with overlap <= 0.875 (``UNetConfig``) a pixel has at most 64 windows, so sums stay below 2**46.
+FIXED_POINT = float(2**40)
 
 
 @dataclass(frozen=True)
@@ -41,10 +60,12 @@ class WindowGrid:
     window: int
     stride: int
     pad: int
+    placement: Placement = "centred"
 
     @classmethod
-    def from_overlap(cls, window: int, overlap: float, divisor: int = 1) -> WindowGrid:
-        """Grid from a window size and an overlap fraction (``S = round(W * (1 - overlap))``).
+    def from_overlap(cls, window: int, overlap: float, divisor: int = 1, placement: Placement = "centred") -> WindowGrid:
+        """Grid from a window size and an overlap fraction: ``S = round(W * (1 - overlap))``
+        for ``centred``, ``S = int(W * (1 - overlap))`` (MONAI's ``_get_scan_interval``) for ``edge``.
 
         Raises:
             ConfigError: W not a multiple of ``divisor`` (the model's downsampling), or
@@ -54,10 +75,12 @@ class WindowGrid:
             raise ConfigError(f"segment.unet.window {window} must be a multiple of {divisor} for this model")
         if not 0 <= overlap < 1:
             raise ConfigError(f"segment.unet.overlap must be in [0, 1), got {overlap}")
-        stride = max(1, round(window * (1 - overlap)))
+        if placement not in ("centred", "edge"):
+            raise ConfigError(f"unknown window placement {placement!r} (centred or edge)")
+        stride = max(1, round(window * (1 - overlap)) if placement == "centred" else int(window * (1 - overlap)))
         if overlap > 0 and stride >= window:
             raise ConfigError(f"overlap {overlap} is below one pixel for window {window}")
-        return cls(window, stride, (window - stride) // 2)
+        return cls(window, stride, (window - stride) // 2 if placement == "centred" else 0, placement)
 
     @property
     def halo(self) -> int:
@@ -66,10 +89,15 @@ class WindowGrid:
         return self.window - 1
 
     def origins(self, size: int) -> np.ndarray:
-        """int64 origins along an axis of ``size`` px: ``-p + k*S`` until ``origin + W >= size``."""
+        """int64 origins along an axis of ``size`` px, increasing: ``-p + k*S`` until
+        ``origin + W >= size`` (``centred``); ``k*S`` until then, the last one clamped to
+        ``size - W`` (``edge``; just 0 when ``size <= W``)."""
         first = -self.pad
         n = 1 if size + self.pad <= self.window else 1 + -(-(size + self.pad - self.window) // self.stride)
-        return first + self.stride * np.arange(n, dtype=np.int64)
+        o = first + self.stride * np.arange(n, dtype=np.int64)
+        if self.placement == "edge":
+            o = np.minimum(o, max(size - self.window, 0))
+        return o
 
     def touching(self, size: int, lo: int, hi: int) -> np.ndarray:
         """Origins of the windows that overlap pixels [lo, hi) of an axis of ``size`` px."""
@@ -86,7 +114,9 @@ def window_weights(window: int, kind: WindowKind = "hann", sigma_scale: float = 
 
     - ``hann``: ``sin(pi * t)**2`` (the Hann window evaluated at pixel centres).
     - ``gaussian``: ``exp(-((t - 0.5) * W)**2 / (2 * (sigma_scale * W)**2))``, the weighting
-      of MONAI's ``sliding_window_inference(mode="gaussian", sigma_scale=0.125)``.
+      of MONAI's ``sliding_window_inference(mode="gaussian", sigma_scale=0.125)``
+      (``monai.data.utils.compute_importance_map``), including its floor: the 2-D weights are
+      raised to at least ``max(min, 1e-3)``.
     """
     t = (np.arange(window, dtype=np.float64) + 0.5) / window
     if kind == "hann":
@@ -97,7 +127,10 @@ def window_weights(window: int, kind: WindowKind = "hann", sigma_scale: float = 
     else:
         raise ConfigError(f"unknown blending window {kind!r}")
     w1 = (w1 + w1[::-1]) / 2  # exact symmetry against rounding
-    return np.outer(w1, w1)
+    w2 = np.outer(w1, w1)
+    if kind == "gaussian":
+        w2 = np.maximum(w2, max(w2.min(), 1e-3))
+    return w2
 
 
 def reflect_index(idx: np.ndarray, size: int) -> np.ndarray:
@@ -112,55 +145,68 @@ def reflect_index(idx: np.ndarray, size: int) -> np.ndarray:
     return np.where(m < size, m, period - m)
 
 
-def blend_region(
+def window_sums(
     read: Callable[[int, int, int, int], np.ndarray],
     shape: tuple[int, int],
+    oy: np.ndarray,
+    ox: np.ndarray,
     rows: tuple[int, int],
     cols: tuple[int, int],
     grid: WindowGrid,
     weights: np.ndarray,
-    predict: Callable[[np.ndarray], np.ndarray],
+    predict: Callable[[np.ndarray], Any],
     n_classes: int,
     batch_size: int,
 ) -> np.ndarray:
-    """Blended class probabilities for pixels [r0, r1) x [c0, c1) of a raster of ``shape``.
+    """Fixed-point weighted sums of the windows with origins ``oy`` x ``ox`` over pixels
+    [r0, r1) x [c0, c1) of a raster of ``shape`` (the parts of windows outside them are dropped).
 
     Args:
         read: ``read(r0, r1, c0, c1)`` returns the raster's (C, r1-r0, c1-c0) pixels inside
-            the raster (the caller does the I/O); it is called once.
-        shape: (height, width) of the whole raster.
+            the raster (the caller does the I/O); it is called once, for the windows' extent.
+        oy, ox: window origins (from ``grid.origins``; increasing), pixels.
         predict: maps a (N, C, W, W) batch (in raster units, already reflect-padded) to
-            float32 (N, K, W, W) probabilities. Batches always hold exactly ``batch_size``
-            windows (padded with repeats of the last window), so the model sees one batch
-            shape and a window's output does not depend on which windows share its batch.
-        weights: (W, W) from :func:`window_weights`.
+            (N, K, W, W) probabilities: a float32 numpy array, or a torch tensor on any
+            device (the sums are then made on that device: a GPU adds its own windows).
+            Batches always hold exactly ``batch_size`` windows (padded with repeats of the
+            last window), so the model sees one batch shape and a window's output does not
+            depend on which windows share its batch.
+        weights: float64 (W, W) from :func:`window_weights`.
 
     Returns:
-        float64 (K, r1-r0, c1-c0) probabilities, sums over K equal 1.
+        int64 (K + 1, r1-r0, c1-c0): ``round(p_k * weight * FIXED_POINT)`` summed over the
+        windows for each class k, then the summed ``round(weight * FIXED_POINT)``.
     """
+    import torch
+
     (r0, r1), (c0, c1) = rows, cols
     h, w = shape
     win = grid.window
-    oy = grid.touching(h, r0, r1)
-    ox = grid.touching(w, c0, c1)
-    # virtual rows/cols of the region covered by those windows, mapped into the raster
+    acc = None
+    if len(oy) == 0 or len(ox) == 0:
+        return np.zeros((n_classes + 1, r1 - r0, c1 - c0), np.int64)
+    # virtual rows/cols covered by the windows, mapped into the raster
     vy = np.arange(oy[0], oy[-1] + win)
     vx = np.arange(ox[0], ox[-1] + win)
     sy, sx = reflect_index(vy, h), reflect_index(vx, w)
     ry0, ry1, rx0, rx1 = int(sy.min()), int(sy.max()) + 1, int(sx.min()), int(sx.max()) + 1
     data = read(ry0, ry1, rx0, rx1)
-    region = data[:, (sy - ry0)[:, None], (sx - rx0)[None, :]]  # (C, len(vy), len(vx))
-
-    acc = np.zeros((n_classes, r1 - r0, c1 - c0), dtype=np.float64)
-    wsum = np.zeros((r1 - r0, c1 - c0), dtype=np.float64)
-    origins = [(y, x) for y in oy for x in ox]  # row-major: a fixed order of accumulation
+    if not (np.array_equal(vy, sy) and np.array_equal(vx, sx)):  # reflection needed: gather
+        data = data[:, (sy - ry0)[:, None], (sx - rx0)[None, :]]  # (C, len(vy), len(vx))
+    origins = [(int(y), int(x)) for y in oy for x in ox]  # row-major
     for b in range(0, len(origins), batch_size):
-        chunk = origins[b : b + batch_size]
-        batch = np.stack([region[:, y - oy[0] : y - oy[0] + win, x - ox[0] : x - ox[0] + win] for y, x in chunk])
-        if len(chunk) < batch_size:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(chunk), axis=0)])
-        probs = predict(batch)[: len(chunk)]
-        for (y, x), p in zip(chunk, probs):
+        part = origins[b : b + batch_size]
+        batch = np.stack([data[:, y - oy[0] : y - oy[0] + win, x - ox[0] : x - ox[0] + win] for y, x in part])
+        if len(part) < batch_size:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(part), axis=0)])
+        probs = torch.as_tensor(predict(batch))[: len(part)]
+        if acc is None:
+            dev = probs.device
+            wq = torch.from_numpy(weights * FIXED_POINT).to(dev)
+            wq_int = torch.round(wq).to(torch.int64)
+            acc = torch.zeros((n_classes + 1, r1 - r0, c1 - c0), dtype=torch.int64, device=dev)
+        q = torch.round(probs.to(torch.float64) * wq).to(torch.int64)  # (n, K, W, W)
+        for (y, x), qi in zip(part, q):
             # intersection of this window with the requested pixels, in raster coordinates
             ya, yb = max(y, r0), min(y + win, r1)
             xa, xb = max(x, c0), min(x + win, c1)
@@ -168,7 +214,36 @@ def blend_region(
                 continue
             wy, wx = slice(ya - y, yb - y), slice(xa - x, xb - x)
             oyy, oxx = slice(ya - r0, yb - r0), slice(xa - c0, xb - c0)
-            wgt = weights[wy, wx]
-            acc[:, oyy, oxx] += p[:, wy, wx].astype(np.float64) * wgt
-            wsum[oyy, oxx] += wgt
-    return acc / wsum
+            acc[:n_classes, oyy, oxx] += qi[:, wy, wx]
+            acc[n_classes, oyy, oxx] += wq_int[wy, wx]
+    return acc.cpu().numpy()
+
+
+def normalise_sums(sums: np.ndarray) -> np.ndarray:
+    """float32 (K, y, x) probabilities from :func:`window_sums`' (K + 1, y, x) fixed-point sums:
+    each class's sum divided by the summed weights (in float64, then cast)."""
+    return (sums[:-1] / sums[-1]).astype(np.float32)
+
+
+def blend_region(
+    read: Callable[[int, int, int, int], np.ndarray],
+    shape: tuple[int, int],
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    grid: WindowGrid,
+    weights: np.ndarray,
+    predict: Callable[[np.ndarray], Any],
+    n_classes: int,
+    batch_size: int,
+) -> np.ndarray:
+    """Blended class probabilities for pixels [r0, r1) x [c0, c1) of a raster of ``shape``,
+    from every window of ``grid`` that touches them (see :func:`window_sums` for the arguments).
+
+    Returns:
+        float64 (K, r1-r0, c1-c0) probabilities, sums over K equal to 1 (to ~1e-12).
+    """
+    (r0, r1), (c0, c1) = rows, cols
+    oy = grid.touching(shape[0], r0, r1)
+    ox = grid.touching(shape[1], c0, c1)
+    sums = window_sums(read, shape, oy, ox, rows, cols, grid, weights, predict, n_classes, batch_size)
+    return sums[:-1] / sums[-1]

@@ -144,6 +144,12 @@ class UNetConfig(_Model):
         default=0.25, ge=0.0, le=0.875, description="Window overlap; stride S = round(W*(1-overlap)) >= W/8."
     )
     blend: Literal["hann", "gaussian"] = Field(default="hann", description="Window weighting for blending.")
+    placement: Literal["centred", "edge"] = Field(
+        default="centred",
+        description="Window grid: `centred` (first window starts (W-S)/2 px before the raster, reflected "
+        "context at its edges) or `edge` (MONAI's sliding window: first window at 0, last flush with the "
+        "far edge, S = int(W*(1-overlap))).",
+    )
     batch_size: int = Field(default=8, ge=1, le=4096, description="Windows per model call.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     probabilities: bool = Field(default=False, description="Also write `probabilities` (class, y, x) float16.")

@@ -6,7 +6,7 @@
 ``instances.method``:
 
 - ``unet_watershed``: the store's image goes through the blended tiled U-Net
-  (:func:`pipeline.apply.unet_probabilities`: one global window grid, so the (3, y, x)
+  (:func:`pipeline.inference.unet_probabilities`: one global window grid, so the (3, y, x)
   probabilities do not depend on the chunking); the chunk stitcher then runs
   :class:`pipeline.segment.instance_unet.WatershedKernel` on each chunk plus halo of those
   probabilities.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import dask.array as da
 
-from pipeline import apply
+from pipeline import inference
 from pipeline.config import GroundTruthConfig, InstanceConfig, TrainConfig
 from pipeline.errors import ConfigError, InputError
 
@@ -77,7 +77,7 @@ def learned_kernel(store: Path, image: da.Array, band_names: list[str], nodata: 
             raise InputError(f"{lc.model} ({describe(spec)}) is not an instance-boundary U-Net "
                              "(train it with train.target: instance_boundary)")  # fmt: skip
         wgrid = WindowGrid.from_overlap(lc.window, lc.overlap, spec.divisor)
-        probs = apply.unet_probabilities(str(store), image, band_idx, wgrid, lc.blend, str(lc.model), device,
+        probs = inference.unet_probabilities(str(store), image, band_idx, wgrid, lc.blend, str(lc.model), device,
                                          lc.batch_size, nodata, len(INSTANCE_CLASSES))  # fmt: skip
         params = WatershedParams(foreground=lc.foreground, seed=lc.seed, min_seed_px=lc.min_seed_px,
                                  min_size_px=lc.min_size_px)  # fmt: skip

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-import dask
 
-from pipeline import apply, resume
+from pipeline import apply, inference, resume
 from pipeline.classes import class_colormap
 from pipeline.cluster import compute, gpu_workers_present
 from pipeline.config import (
@@ -341,7 +339,7 @@ def _unet_labels(store: Path, image, band_names, nodata, cfg: UNetConfig, class_
     """Lazy labels and probabilities of the U-Net path, plus label attributes and class names.
 
     When the Dask cluster has workers with a ``GPU`` resource (see :mod:`pipeline.cluster`),
-    the inference tasks ask for one (``dask.annotate(resources={"GPU": 1})``), so they run
+    the inference tasks ask for one (``resources={"GPU": 1}``; :mod:`pipeline.inference`), so they run
     one at a time per GPU worker while CPU work goes anywhere.
     """
     from pipeline.blend import WindowGrid
@@ -354,18 +352,15 @@ def _unet_labels(store: Path, image, band_names, nodata, cfg: UNetConfig, class_
     band_idx = check_bands(spec, band_names)
     if class_names and class_names != spec.classes:
         raise InputError(f"config classes {class_names} differ from the model's classes {spec.classes}")
-    wgrid = WindowGrid.from_overlap(cfg.window, cfg.overlap, spec.divisor)
+    wgrid = WindowGrid.from_overlap(cfg.window, cfg.overlap, spec.divisor, cfg.placement)
     device = resolve_device(cfg.device)
     log.info("U-Net %s on %s: window %d, stride %d, %s blending", describe(spec), device, wgrid.window,
              wgrid.stride, cfg.blend)  # fmt: skip
     gpu = gpu_workers_present()
     if gpu:
         log.info("U-Net inference tasks ask for a GPU worker (resource GPU=1)")
-    with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
-        probs = apply.unet_probabilities(
-            str(store), image, band_idx, wgrid, cfg.blend, str(cfg.model), device, cfg.batch_size,
-            nodata, len(spec.classes), where,
-        )  # fmt: skip
+    probs = inference.unet_probabilities(str(store), image, band_idx, wgrid, cfg.blend, str(cfg.model), device,
+                                         cfg.batch_size, nodata, len(spec.classes), where, gpu=gpu)  # fmt: skip
     valid = apply.any_band_valid(image[band_idx], nodata)
     labels = apply.argmax_labels(probs, valid, LABEL_NODATA, where)
     attrs = {"model": str(cfg.model), "window": wgrid.window, "stride": wgrid.stride, "blend": cfg.blend}

@@ -13,7 +13,7 @@ learning strategies for nucleus segmentation in fluorescence images", Cytometry 
 (2019). Objects too thin to have an interior pixel are boundary only; the watershed
 step still keeps them (see :func:`watershed_instances`).
 
-Inference: the existing blended tiled inference (:func:`pipeline.apply.unet_probabilities`)
+Inference: the existing blended tiled inference (:func:`pipeline.inference.unet_probabilities`)
 gives class probabilities (3, y, x) on one global window grid; :func:`watershed_instances`
 turns a chunk plus halo of those probabilities into instance ids and matches the per-chunk
 kernel interface ``kernel(block, valid) -> labels``::
@@ -119,7 +119,7 @@ def watershed_instances(block: np.ndarray, valid: np.ndarray,
 
     Args:
         block: (3, y, x) float probabilities (background, interior, boundary), e.g. a chunk
-            plus its halo of :func:`pipeline.apply.unet_probabilities`.
+            plus its halo of :func:`pipeline.inference.unet_probabilities`.
         valid: (y, x) bool, False where the input is nodata (always background).
 
     Returns:
