@@ -20,11 +20,13 @@ Two placements (``WindowGrid.placement``):
 
 Blending (per pixel): ``P = sum_w weight_w * softmax_w / sum_w weight_w``, normalised
 by the summed weights, not by a constant, so raster edges and partial covers are right.
-The sums are accumulated in 64-bit fixed point (each term rounded to a multiple of
-``1 / FIXED_POINT``): integer addition does not depend on its order, so a pixel's sums are
-bit-identical however its windows are grouped into tasks (:mod:`pipeline.inference` runs
-each window once and adds the windows of neighbouring chunks together), at a rounding
-of about 1e-12, far below float32 probabilities' resolution.
+Windows run in *window blocks* of ``by x bx`` consecutive windows of the grid, one model
+batch each (``by * bx = batch_size``; :func:`block_shape`, :func:`window_blocks`). A block's
+sums are accumulated in float32 in a fixed (row-major) order, and a region adds the sums of
+the blocks covering it in block order (:func:`add_blocks`). Blocks depend on the grid only,
+so a pixel's sums are the same float32 additions in the same order however the raster is
+cut into chunks or tasks: the results are bit-identical for any chunking, and
+:func:`blend_region` on the whole raster equals :mod:`pipeline.inference`'s chunked run.
 
 Axis order: (y, x) for grids, (C, y, x) for images, (K, y, x) for probabilities.
 """
@@ -42,9 +44,6 @@ from pipeline.errors import ConfigError
 WindowKind = Literal["hann", "gaussian"]
 Placement = Literal["centred", "edge"]
 
-#: Scale of the fixed-point sums: 2**40. A term is at most 2**40 (probability and weight <= 1);
-#: with overlap <= 0.875 (``UNetConfig``) a pixel has at most 64 windows, so sums stay below 2**46.
-FIXED_POINT = float(2**40)
 
 
 @dataclass(frozen=True)
@@ -145,6 +144,24 @@ def reflect_index(idx: np.ndarray, size: int) -> np.ndarray:
     return np.where(m < size, m, period - m)
 
 
+def block_shape(batch_size: int) -> tuple[int, int]:
+    """(by, bx) windows of a window block: ``by * bx == batch_size``, as square as possible
+    (``by`` the largest divisor of ``batch_size`` not above its square root)."""
+    by = max(d for d in range(1, int(np.sqrt(batch_size)) + 1) if batch_size % d == 0)
+    return by, batch_size // by
+
+
+def window_blocks(origins: np.ndarray, per_block: int, window: int, size: int) -> list[tuple[np.ndarray, int, int]]:
+    """Cut one axis' window ``origins`` (from :meth:`WindowGrid.origins`) into consecutive runs
+    of ``per_block``; for each: its origins and the pixels [start, end) its windows cover
+    inside an axis of ``size`` px."""
+    out = []
+    for k in range(0, len(origins), per_block):
+        o = origins[k : k + per_block]
+        out.append((o, max(int(o[0]), 0), min(size, int(o[-1]) + window)))
+    return out
+
+
 def window_sums(
     read: Callable[[int, int, int, int], np.ndarray],
     shape: tuple[int, int],
@@ -158,7 +175,7 @@ def window_sums(
     n_classes: int,
     batch_size: int,
 ) -> np.ndarray:
-    """Fixed-point weighted sums of the windows with origins ``oy`` x ``ox`` over pixels
+    """Weighted sums of the windows with origins ``oy`` x ``ox`` (a window block) over pixels
     [r0, r1) x [c0, c1) of a raster of ``shape`` (the parts of windows outside them are dropped).
 
     Args:
@@ -169,13 +186,12 @@ def window_sums(
             (N, K, W, W) probabilities: a float32 numpy array, or a torch tensor on any
             device (the sums are then made on that device: a GPU adds its own windows).
             Batches always hold exactly ``batch_size`` windows (padded with repeats of the
-            last window), so the model sees one batch shape and a window's output does not
-            depend on which windows share its batch.
-        weights: float64 (W, W) from :func:`window_weights`.
+            last window), so the model sees one batch shape.
+        weights: (W, W) from :func:`window_weights`.
 
     Returns:
-        int64 (K + 1, r1-r0, c1-c0): ``round(p_k * weight * FIXED_POINT)`` summed over the
-        windows for each class k, then the summed ``round(weight * FIXED_POINT)``.
+        float32 (K + 1, r1-r0, c1-c0): ``p_k * weight`` summed over the windows (row-major
+        order) for each class k, then the summed weights.
     """
     import torch
 
@@ -184,7 +200,7 @@ def window_sums(
     win = grid.window
     acc = None
     if len(oy) == 0 or len(ox) == 0:
-        return np.zeros((n_classes + 1, r1 - r0, c1 - c0), np.int64)
+        return np.zeros((n_classes + 1, r1 - r0, c1 - c0), np.float32)
     # virtual rows/cols covered by the windows, mapped into the raster
     vy = np.arange(oy[0], oy[-1] + win)
     vx = np.arange(ox[0], ox[-1] + win)
@@ -201,11 +217,9 @@ def window_sums(
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(part), axis=0)])
         probs = torch.as_tensor(predict(batch))[: len(part)]
         if acc is None:
-            dev = probs.device
-            wq = torch.from_numpy(weights * FIXED_POINT).to(dev)
-            wq_int = torch.round(wq).to(torch.int64)
-            acc = torch.zeros((n_classes + 1, r1 - r0, c1 - c0), dtype=torch.int64, device=dev)
-        q = torch.round(probs.to(torch.float64) * wq).to(torch.int64)  # (n, K, W, W)
+            wt = torch.from_numpy(weights.astype(np.float32)).to(probs.device)
+            acc = torch.zeros((n_classes + 1, r1 - r0, c1 - c0), dtype=torch.float32, device=probs.device)
+        q = probs.to(torch.float32) * wt  # (n, K, W, W)
         for (y, x), qi in zip(part, q):
             # intersection of this window with the requested pixels, in raster coordinates
             ya, yb = max(y, r0), min(y + win, r1)
@@ -215,14 +229,29 @@ def window_sums(
             wy, wx = slice(ya - y, yb - y), slice(xa - x, xb - x)
             oyy, oxx = slice(ya - r0, yb - r0), slice(xa - c0, xb - c0)
             acc[:n_classes, oyy, oxx] += qi[:, wy, wx]
-            acc[n_classes, oyy, oxx] += wq_int[wy, wx]
+            acc[n_classes, oyy, oxx] += wt[wy, wx]
     return acc.cpu().numpy()
 
 
+def add_blocks(rows: tuple[int, int], cols: tuple[int, int], origins: list[tuple[int, int]],
+               parts: list[np.ndarray]) -> np.ndarray:  # fmt: skip
+    """float32 (K + 1, r1-r0, c1-c0): the window blocks' sums ``parts`` (each (K + 1, h, w),
+    top-left pixel at ``origins``), added where they fall on [r0, r1) x [c0, c1), onto zeros,
+    in the given order (block order, the same for every chunking)."""
+    (r0, r1), (c0, c1) = rows, cols
+    acc = np.zeros((parts[0].shape[0], r1 - r0, c1 - c0), np.float32)
+    for (pr, pc), part in zip(origins, parts):
+        ya, yb = max(r0, pr), min(r1, pr + part.shape[1])
+        xa, xb = max(c0, pc), min(c1, pc + part.shape[2])
+        if ya < yb and xa < xb:
+            acc[:, ya - r0 : yb - r0, xa - c0 : xb - c0] += part[:, ya - pr : yb - pr, xa - pc : xb - pc]
+    return acc
+
+
 def normalise_sums(sums: np.ndarray) -> np.ndarray:
-    """float32 (K, y, x) probabilities from :func:`window_sums`' (K + 1, y, x) fixed-point sums:
-    each class's sum divided by the summed weights (in float64, then cast)."""
-    return (sums[:-1] / sums[-1]).astype(np.float32)
+    """float32 (K, y, x) probabilities from (K + 1, y, x) sums (:func:`window_sums`,
+    :func:`add_blocks`): each class's sum divided by the summed weights."""
+    return sums[:-1] / sums[-1]
 
 
 def blend_region(
@@ -236,14 +265,23 @@ def blend_region(
     n_classes: int,
     batch_size: int,
 ) -> np.ndarray:
-    """Blended class probabilities for pixels [r0, r1) x [c0, c1) of a raster of ``shape``,
-    from every window of ``grid`` that touches them (see :func:`window_sums` for the arguments).
+    """Blended class probabilities for pixels [r0, r1) x [c0, c1) of a raster of ``shape``:
+    the window blocks of ``grid`` that cover them, summed (see :func:`window_sums` for the
+    arguments) and added in block order, exactly as :mod:`pipeline.inference` does for a chunk.
+    ``read`` is called once per block.
 
     Returns:
-        float64 (K, r1-r0, c1-c0) probabilities, sums over K equal to 1 (to ~1e-12).
+        float32 (K, r1-r0, c1-c0) probabilities, sums over K equal to 1 (to ~1e-6).
     """
     (r0, r1), (c0, c1) = rows, cols
-    oy = grid.touching(shape[0], r0, r1)
-    ox = grid.touching(shape[1], c0, c1)
-    sums = window_sums(read, shape, oy, ox, rows, cols, grid, weights, predict, n_classes, batch_size)
-    return sums[:-1] / sums[-1]
+    h, w = shape
+    by, bx = block_shape(batch_size)
+    blocks_y = [b for b in window_blocks(grid.origins(h), by, grid.window, h) if b[1] < r1 and b[2] > r0]
+    blocks_x = [b for b in window_blocks(grid.origins(w), bx, grid.window, w) if b[1] < c1 and b[2] > c0]
+    origins, parts = [], []
+    for oy, y0, y1 in blocks_y:
+        for ox, x0, x1 in blocks_x:
+            parts.append(window_sums(read, shape, oy, ox, (y0, y1), (x0, x1), grid, weights, predict, n_classes,
+                                     batch_size))  # fmt: skip
+            origins.append((y0, x0))
+    return normalise_sums(add_blocks(rows, cols, origins, parts))

@@ -207,37 +207,43 @@ _LOCK = threading.Lock()
 
 
 def cached_model(path: str | Path, device: str):
-    """The process-wide instance of a model on a device, loaded on first use."""
+    """The process-wide instance of a model on a device, loaded on first use, in the
+    channels_last memory format (NHWC): oneDNN's and cuDNN's fast convolution layout (on
+    this project's 2-core CPU a batch of the sample model ran 1.45 times faster than in NCHW,
+    with logits within 1e-5; README "Performance")."""
     key = (str(Path(path).resolve()), device)
     with _LOCK:
         if key not in _CACHE:
             net, spec = load_model(path, device)
-            if device == "cuda":
-                net = net.to(memory_format=torch.channels_last)
-            _CACHE[key] = (net, spec)
+            _CACHE[key] = (net.to(memory_format=torch.channels_last), spec)
         return _CACHE[key]
 
 
-def predict_probabilities(net, batch: np.ndarray, device: str) -> np.ndarray:
+def predict_probabilities(net, batch: np.ndarray, device: str, as_tensor: bool = False) -> Any:
     """Softmax probabilities of a normalised batch.
+
+    The batch goes to the model in channels_last layout (see :func:`cached_model`); on CUDA
+    under bf16 autocast.
 
     Args:
         batch: float32 (N, C, H, W), already normalised.
-        device: 'cpu' or 'cuda' (bf16 autocast and channels_last there).
+        device: 'cpu' or 'cuda'.
+        as_tensor: return the torch tensor on ``device`` (for sums made there, such as
+            :func:`pipeline.blend.window_sums` on a GPU) instead of a numpy array.
 
     Returns:
-        float32 (N, K, H, W), summing to 1 over K.
+        float32 (N, K, H, W), summing to 1 over K: numpy, or a torch tensor with ``as_tensor``.
     """
     x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         if device == "cuda":
-            x = x.to(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = net(x)
         else:
             logits = net(x)
-        probs = torch.softmax(logits.float(), dim=1)
-    return probs.cpu().numpy()
+        probs = torch.softmax(logits.float(), dim=1).contiguous()
+    return probs if as_tensor else probs.cpu().numpy()
 
 
 def normalise(batch: np.ndarray, spec: ModelSpec, valid: np.ndarray | None = None) -> np.ndarray:

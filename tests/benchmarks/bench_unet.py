@@ -15,8 +15,15 @@ Sides:
   (2 worker processes x 1 thread), started before the clock.
 - ``monai``: the store's model bands read into memory and normalised (not timed), then
   ``monai.inferers.sliding_window_inference(mode="gaussian", sigma_scale=0.125)`` and the
-  argmax (timed). ``--compile`` also runs ``monai_compiled``: the model in channels_last
-  and ``torch.compile`` (GPU only; warm-up call before the clock).
+  argmax (timed).
+- ``monai_channels_last``: the same with the model and each window in channels_last layout
+  (what tileseg does; MONAI's fastest plain-PyTorch way on a CPU).
+- ``monai_compiled`` (with ``--compile``; meant for a GPU): channels_last and
+  ``torch.compile``, compiled by a warm-up call before the clock.
+
+The model is loaded before the clock on every side (tileseg: into the process's model
+cache, or on every worker for ``tileseg_distributed``), and each side's first model call,
+with its one-off kernel selection, is inside the clock.
 
 Input: the sample scene (config/default.yaml inputs, 13 bands on the 10 m grid) ingested
 once and tiled ``--repeat-y`` x ``--repeat-x`` times (768 x 1536 px each) into a store kept
@@ -43,7 +50,7 @@ import numpy as np  # noqa: E402
 
 from tests.benchmarks import harness  # noqa: E402
 
-SIDES = ("tileseg", "tileseg_distributed", "monai", "monai_compiled")
+SIDES = ("tileseg", "tileseg_distributed", "monai", "monai_channels_last", "monai_compiled")
 
 
 def scene_store(config: str, repeat_y: int, repeat_x: int, out: Path) -> Path:
@@ -87,11 +94,15 @@ def side_tileseg(store: Path, work: Path, args: argparse.Namespace, processes: b
 
     local = work / "scene.zarr"
     shutil.copytree(store, local)
-    harness.warm_file(local)
     seg = SegmentConfig(method="unet", unet=UNetConfig(model=args.model, window=args.window, overlap=args.overlap,
                         blend="gaussian", placement="edge", batch_size=args.batch, device=args.device))  # fmt: skip
+    from pipeline.segment.unet import cached_model
+
     cfg = DaskConfig(progress=False) if processes else DaskConfig(progress=False, scheduler="threads")
-    with dask_client(cfg), harness.py_spy(args.profile):
+    with dask_client(cfg) as client, harness.py_spy(args.profile):
+        if client is not None:  # load the model on every worker before the clock, as below in this process
+            client.run(cached_model, args.model, args.device)
+        cached_model(args.model, args.device)
         t1 = time.perf_counter()
         stages.segment(local, seg, progress=False, overwrite=True)
         t2 = time.perf_counter()
@@ -103,7 +114,7 @@ def side_tileseg(store: Path, work: Path, args: argparse.Namespace, processes: b
                         labels=str(work / "labels.npy"))  # fmt: skip
 
 
-def side_monai(store: Path, work: Path, args: argparse.Namespace, compiled: bool) -> None:
+def side_monai(store: Path, work: Path, args: argparse.Namespace, layout: bool, compiled: bool) -> None:
     """Child: the model bands in memory, normalised (not timed); sliding window + argmax (timed)."""
     import torch
     from monai.inferers import sliding_window_inference
@@ -118,13 +129,15 @@ def side_monai(store: Path, work: Path, args: argparse.Namespace, compiled: bool
     valid = ~(x == 0).all(axis=0)
     inp = torch.from_numpy(normalise(x[None], spec, valid[None])).to(args.device)
     cuda = args.device == "cuda"
+    if layout:
+        net = net.to(memory_format=torch.channels_last)
     if compiled:
-        net = torch.compile(net.to(memory_format=torch.channels_last))
+        net = torch.compile(net)
 
     def predictor(t: torch.Tensor) -> torch.Tensor:
+        if layout:
+            t = t.contiguous(memory_format=torch.channels_last)
         if cuda:
-            if compiled:
-                t = t.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return torch.softmax(net(t).float(), dim=1)
         return torch.softmax(net(t), dim=1)
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.side.startswith("tileseg"):
             side_tileseg(store, work, args, args.side == "tileseg_distributed")
         else:
-            side_monai(store, work, args, args.side == "monai_compiled")
+            side_monai(store, work, args, args.side != "monai", args.side == "monai_compiled")
         return
 
     sides = [s for s in args.sides.split(",") if s and (s != "monai_compiled" or args.compile)]
@@ -200,8 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         row = {"case": "unet", "device": args.device, "shape": [h, w], "window": args.window,
                "overlap": args.overlap, "batch": args.batch, "model": Path(args.model).name,
                "sides": {s: r.summary(mpx) for s, r in results.items()}}  # fmt: skip
-        base = "monai_compiled" if "monai_compiled" in results else "monai"
-        if base in results:
+        monai = [s for s in results if s.startswith("monai")]
+        if monai:
+            row["monai_best"] = best = min(monai, key=lambda s: results[s].report["wall_s"])
+        for base in monai:
             ref = np.load(results[base].report["labels"])
             valid = ref != 255
             for s in results:
@@ -210,7 +225,10 @@ def main(argv: list[str] | None = None) -> None:
                     row[f"speedup_{s}_vs_{base}"] = harness.ratio(results[base].report["wall_s"],
                                                                   results[s].report["wall_s"])  # fmt: skip
                     row[f"label_agreement_{s}_vs_{base}"] = round(float((ours == ref)[valid].mean()), 6)
-                    row[f"nodata_equal_{s}"] = bool(np.array_equal(ours == 255, ~valid))
+                    row[f"nodata_equal_{s}_vs_{base}"] = bool(np.array_equal(ours == 255, ~valid))
+                    if base == best:
+                        row[f"goal_met_{s}"] = bool(row[f"speedup_{s}_vs_{base}"] >= 1.0
+                                                    and row[f"label_agreement_{s}_vs_{base}"] >= 0.999)  # fmt: skip
         harness.emit(row, args.results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
