@@ -84,17 +84,28 @@ def _owned_sums(store: str, band_idx: list[int], shape: tuple[int, int], oy: np.
         valid = None if nodata is None else ~(batch == nodata).all(axis=1)
         return predict_probabilities(net, normalise(batch, spec, valid), device, as_tensor=True)
 
-    return window_sums(
-        lambda a, b, c, d: read_region(store, band_idx, a, b, c, d),
-        shape, oy, ox, rows, cols, wgrid, window_weights(wgrid.window, kind), predict, n_classes, batch_size,
-    )  # fmt: skip
+    read: dict = {}
+
+    def read_once(a: int, b: int, c: int, d: int) -> np.ndarray:
+        read["at"], read["data"] = (a, c), read_region(store, band_idx, a, b, c, d)
+        return read["data"]
+
+    sums = window_sums(read_once, shape, oy, ox, rows, cols, wgrid, window_weights(wgrid.window, kind), predict,
+                       n_classes, batch_size)  # fmt: skip
+    # one more channel: 1 where any model band has data (the labels' validity), from the same read
+    (a, c), (r0, r1), (c0, c1) = read["at"], rows, cols
+    block = read["data"][:, r0 - a : r1 - a, c0 - c : c1 - c]
+    valid = np.ones(block.shape[1:], bool) if nodata is None else ~(block == nodata).all(axis=0)
+    return np.concatenate([sums, valid[None].astype(np.float32)])
 
 
 def _combine(rows: tuple[int, int], cols: tuple[int, int], origins: list[tuple[int, int]],
              *parts: np.ndarray) -> np.ndarray:  # fmt: skip
     """Chunk [r0, r1) x [c0, c1): the window blocks' sums that fall on it, added in block
-    order, normalised: float32 (K, r1-r0, c1-c0)."""
-    return normalise_sums(add_blocks(rows, cols, origins, list(parts)))
+    order, normalised: float32 (K + 1, r1-r0, c1-c0), the K probabilities then the validity
+    (1 where any model band has data, else 0)."""
+    total = add_blocks(rows, cols, origins, list(parts))
+    return np.concatenate([normalise_sums(total[:-1]), (total[-1:] > 0).astype(np.float32)])
 
 
 def unet_probabilities(
@@ -111,7 +122,10 @@ def unet_probabilities(
     where: str = "segment (unet)",
     gpu: bool = False,
 ) -> da.Array:
-    """Lazy float32 (class, y, x) blended probabilities, chunked like ``image`` in (y, x).
+    """Lazy float32 (class + 1, y, x): blended probabilities of the K classes, then the
+    validity (1.0 where any of the model's bands has data, 0.0 where all are ``nodata``),
+    chunked like ``image`` in (y, x). The validity comes from the pixels the inference reads
+    anyway, so the labels need no other pass over the image.
 
     One inference task per window block of ``batch_size`` windows, which reads its pixels
     straight from the store (no image block travels between tasks), and one task per chunk
@@ -134,7 +148,7 @@ def unet_probabilities(
     combine = in_chunk(_combine, where)
 
     def located(fn: in_chunk, rows: tuple[int, int], cols: tuple[int, int], index: tuple[int, int]) -> partial:
-        loc = [(0, n_classes), rows, cols]  # errors name the block or chunk and its pixel window
+        loc = [(0, n_classes + 1), rows, cols]  # errors name the block or chunk and its pixel window
         return partial(fn, block_info={None: {"chunk-location": (0, *index), "array-location": loc}})
 
     step1: dict = {}
@@ -159,5 +173,5 @@ def unet_probabilities(
     layers = {sums_name: MaterializedLayer(step1, annotations=GPU_RESOURCES if gpu else None),
               out_name: MaterializedLayer(step2)}  # fmt: skip
     graph = HighLevelGraph(layers, {sums_name: set(), out_name: {sums_name}})
-    return da.Array(graph, out_name, chunks=((n_classes,), rch, cch), dtype=np.float32,
+    return da.Array(graph, out_name, chunks=((n_classes + 1,), rch, cch), dtype=np.float32,
                     meta=np.empty((0, 0, 0), np.float32))  # fmt: skip

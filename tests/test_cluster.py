@@ -81,10 +81,11 @@ def test_unet_tasks_run_on_the_gpu_worker_of_an_existing_cluster(tif, model, tmp
             names = {addr: w["name"] for addr, w in client.scheduler_info()["workers"].items()}
             with get_task_stream(client) as stream:
                 stages.segment(store, _unet(model), progress=False)
-    # one inference task per chunk, each on the worker with the GPU (the argmax and the
-    # chunk writes, which ask for nothing, may run anywhere)
+    # one inference task per window block (one batch: 2 x 2 windows), each on the worker with
+    # the GPU (the sums, argmax and chunk writes, which ask for nothing, may run anywhere).
+    # 32 px windows at stride 24 starting at -4: 4 rows x 6 columns of windows, 2 x 3 blocks
     inference = [t for t in stream.data if "tileseg-unet" in str(t["key"])]
-    assert len({str(t["key"]) for t in inference}) == 3 * 4  # 96 x 128 px in 32 px chunks
+    assert len({str(t["key"]) for t in inference}) == 2 * 3
     assert {names[t["worker"]] for t in inference} == {"gpu"}
     np.testing.assert_array_equal(xr.open_zarr(store)["labels"].values, xr.open_zarr(ref)["labels"].values)
 
