@@ -179,3 +179,46 @@ def test_scaling_benchmark_smoke(repo_root, tmp_path):
         assert row["time_per_px_16x_over_1x"] == pytest.approx(last["s_per_mpx"] / first["s_per_mpx"], abs=2e-3)
         assert row["rss_goal_met"] == (row["rss_16x_over_1x"] <= 1.25)
         assert row["time_goal_met"] == (row["time_per_px_16x_over_1x"] <= 1.15)
+
+
+def test_mosaic_vrt_repeats_the_tile(tmp_path, bench_input):
+    import rasterio
+    from rasterio.windows import Window
+
+    from tests.benchmarks.bench_graph import write_mosaic_vrt
+
+    vrt = write_mosaic_vrt(tmp_path / "m.vrt", bench_input, 2000)  # 800 px tile: 3 x 3 copies, cut at 2000
+    with rasterio.open(bench_input) as t, rasterio.open(vrt) as m:
+        assert (m.height, m.width, m.count, m.dtypes[0]) == (2000, 2000, 4, "uint8")
+        assert m.descriptions == t.descriptions and m.crs == t.crs and m.transform == t.transform
+        tile = t.read()
+        part = m.read(window=Window(700, 1500, 300, 500))  # rows 1500:2000, cols 700:1000 cross both seams
+    rows, cols = np.arange(1500, 2000) % 800, np.arange(700, 1000) % 800
+    np.testing.assert_array_equal(part, tile[:, rows][:, :, cols])
+
+
+def test_graph_benchmark_smoke(repo_root, tmp_path, bench_input):
+    import shutil
+
+    shutil.copy(bench_input, tmp_path / "scene_800.tif")  # the tile the script would write
+    row = _bench(repo_root, "bench_graph.py", tmp_path, "--size", "4096", "--tile", "800", "--chunks", "256,1024",
+                 "--input-dir", str(tmp_path))  # fmt: skip
+    assert row["case"] == "graph" and row["shape"] == [4096, 4096]
+    assert (row["vrt"]["height"], row["vrt"]["width"], row["vrt"]["count"]) == (4096, 4096, 4)
+    assert row["vrt"]["sources_per_band"] == 36  # ceil(4096 / 800) ** 2
+    names = {"ingest", "segment_histogram", "segment_labels", "segment_write", "unet_probabilities", "unet_labels"}
+    small, large = row["chunks"]["256"], row["chunks"]["1024"]
+    assert small["n_chunks"] == 256 and large["n_chunks"] == 16
+    for per in (small, large):
+        assert set(per["graphs"]) == names
+        n = per["n_chunks"]
+        for name, g in per["graphs"].items():
+            # every stage maps a few fused per-chunk kernels (read, kernel, write; a reduction's
+            # partial sums): a small constant per chunk, never one task per pixel or per window
+            assert g["tasks_optimized"] <= 4 * n + 4, name
+            assert g["tasks"] <= 8 * n + 4, name
+            assert g["pickle_mb"] > 0 and g["tasks_per_chunk"] == pytest.approx(g["tasks"] / n, abs=1e-3)
+        assert per["graphs"]["segment_labels"]["tasks"] == 2 * n  # one store read and one fused index kernel
+        assert n <= per["graphs"]["unet_probabilities"]["tasks"] <= n + 2  # one task per chunk (halo read inside)
+    for name in names:  # 16 times the chunks: about 16 times the tasks
+        assert 14 <= small["graphs"][name]["tasks"] / large["graphs"][name]["tasks"] <= 17, name

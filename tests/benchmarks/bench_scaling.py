@@ -145,7 +145,9 @@ def scaling_row(pipeline: str, base: int, args: argparse.Namespace, work: Path) 
         harness.warm_file(src)
         d = work / f"{pipeline}_{name}"
         d.mkdir()
-        prof = [] if not args.profile else ["--profile", str(Path(args.profile).resolve() / f"scaling_{pipeline}_{name}.txt")]
+        prof = []
+        if args.profile:
+            prof = ["--profile", str(Path(args.profile).resolve() / f"scaling_{pipeline}_{name}.txt")]
         res = harness.run_side([__file__, "--run", pipeline, "--input", str(src), "--work", str(d), "--chunk",
                                 str(args.chunk), "--scheduler", args.scheduler, "--device", args.device, *prof])  # fmt: skip
         rep = res.report
