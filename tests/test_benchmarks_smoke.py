@@ -165,7 +165,7 @@ def test_scaling_benchmark_smoke(repo_root, tmp_path):
         allowed = {"0", "1"} if row["pipeline"] == "classical" else {str(k) for k in range(8)}  # 8 model classes
         for k, (name, s) in zip((1, 2, 4), row["scales"].items()):
             edge = bases[row["pipeline"]] * k
-            assert s["edge"] == edge and s["pixels"] == edge * edge
+            assert s["edge"] == edge and s["pixels"] == edge * edge and s["n_chunks"] == (-(-edge // 128)) ** 2
             o = s["output"]
             assert o["shape"] == [edge, edge] and o["dtype"] == "uint8" and o["same_grid_as_input"]
             assert sum(o["value_counts"].values()) == edge * edge and set(o["value_counts"]) <= allowed

@@ -18,10 +18,17 @@ Dask workers included, over the child's whole life, imports included):
 
 Both use ``dask.scheduler: threads`` (2 threads) by default; ``--scheduler distributed``
 starts the LocalCluster ``tileseg run`` starts (2 worker processes x 1 thread). The clock
-starts after the imports (torch and the U-Net module included) and after the cluster is up
-and its workers have imported ``pipeline.stages`` (and, for ``unet``, ``pipeline.segment.unet``),
-and loaded the model (:func:`pipeline.segment.unet.cached_model`, about 2.6 s on this machine),
-so a fixed start-up cost does not inflate the 1x time per pixel; ``startup_s`` reports it.
+starts after the imports and after the cluster is up; by then the child and its workers have
+imported what the stages import lazily (:data:`WARM_MODULES`; for ``unet`` also
+``pipeline.segment.unet``, so torch) and loaded the model into their model cache
+(:func:`pipeline.segment.unet.cached_model`, about 2.6 s on this machine), so a fixed start-up
+cost does not inflate the 1x time per pixel; ``startup_s`` reports it.
+
+Parallelism: with T-px chunks a run has ceil(edge / T)^2 chunk tasks per pass (``n_chunks``
+per scale). While that is below the number of Dask threads (2), a run uses fewer cores than
+the larger ones do: with the defaults the U-Net's 1x run (512 px, T = 512) is ONE chunk, so its
+time per pixel is that of one thread and its peak RSS that of one model call at a time. Use
+``--base-unet 1024`` (or ``--chunk 256``) to compare runs that all keep both threads busy.
 
 Each scale's COG is checked after its run (:func:`check_output`): its shape, dtype and the
 count of each label value, so a run that wrote the wrong raster cannot pass as fast.
@@ -35,6 +42,7 @@ Usage: python tests/benchmarks/bench_scaling.py [--pipelines classical,unet] [--
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import tempfile
@@ -55,6 +63,10 @@ FACTORS = (1, 2, 4)
 RSS_GOAL = 1.25
 TIME_GOAL = 1.15
 MODEL = "models/eobox-unet.safetensors"
+#: Modules the stages import lazily on first use (a py-spy profile of the timed part showed
+#: about 0.6 s of them: zarr's codecs, rioxarray, matplotlib's colormaps, skimage.filters),
+#: imported before the clock so that they do not inflate the 1x time per pixel.
+WARM_MODULES = ["pipeline.stages", "zarr.codecs", "rioxarray", "matplotlib", "skimage.filters"]
 
 
 def _warm_up(modules: list[str], model: str | None = None, device: str | None = None) -> None:
@@ -78,7 +90,7 @@ def run_pipeline(pipeline: str, src: Path, work: Path, chunk: int, scheduler: st
     from pipeline.config import DaskConfig, IngestConfig, SegmentConfig, StitchConfig, ThresholdConfig, UNetConfig
     from pipeline.io import store as zstore
 
-    modules, model, dev = ["pipeline.stages"], None, None
+    modules, model, dev = list(WARM_MODULES), None, None
     if pipeline == "unet":
         from pipeline.segment.unet import resolve_device  # torch: imported before the clock
 
@@ -153,7 +165,8 @@ def scaling_row(pipeline: str, base: int, args: argparse.Namespace, work: Path) 
         rep = res.report
         mpx = size * size / 1e6
         scales[name] = {
-            "edge": size, "pixels": size * size, "wall_s": round(rep["wall_s"], 3),
+            "edge": size, "pixels": size * size, "n_chunks": math.ceil(size / args.chunk) ** 2,
+            "wall_s": round(rep["wall_s"], 3),
             "s_per_mpx": round(rep["wall_s"] / mpx, 4), "peak_rss_mib": round(res.peak_rss / 2**20, 1),
             "process_s": round(res.process_s, 3),
             **{key: rep[key] for key in ("startup_s", "ingest_s", "segment_s", "stitch_s", "threshold") if key in rep},
