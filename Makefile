@@ -35,6 +35,6 @@ bench: $(STAMP)
 	$(BIN)/tileseg data fetch
 	$(BIN)/python tests/benchmarks/bench_ingest.py
 	$(BIN)/python tests/benchmarks/bench_otsu.py
-	$(BIN)/python tests/benchmarks/bench_unet_monai.py
+	$(BIN)/python tests/benchmarks/bench_unet.py
 	$(BIN)/python tests/benchmarks/bench_scaling.py
 	$(BIN)/python tests/benchmarks/bench_graph.py

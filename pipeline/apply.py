@@ -488,6 +488,19 @@ def argmax_labels(probs: da.Array, valid: da.Array, nodata: int, where: str = "s
     return da.map_blocks(in_chunk(kernel, where), probs, valid, drop_axis=0, dtype=np.uint8, meta=_meta(np.uint8))
 
 
+def argmax_valid_labels(out: da.Array, nodata: int, where: str = "segment (unet)") -> da.Array:
+    """uint8 (y, x) labels from :func:`pipeline.inference.unet_probabilities`' (K + 1, y, x)
+    output: the most probable of the K classes (lowest id on ties), ``nodata`` where the last
+    channel (validity) is 0. One task per chunk."""
+
+    def kernel(p: np.ndarray) -> np.ndarray:
+        labels = np.argmax(p[:-1], axis=0).astype(np.uint8)
+        labels[p[-1] <= 0.5] = nodata
+        return labels
+
+    return da.map_blocks(in_chunk(kernel, where), out, drop_axis=0, dtype=np.uint8, meta=_meta(np.uint8))
+
+
 def any_band_valid(image: da.Array, nodata: float | None) -> da.Array:
     """(y, x) bool: True where at least one band is not nodata."""
     if nodata is None:

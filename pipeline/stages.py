@@ -361,8 +361,8 @@ def _unet_labels(store: Path, image, band_names, nodata, cfg: UNetConfig, class_
         log.info("U-Net inference tasks ask for a GPU worker (resource GPU=1)")
     probs = inference.unet_probabilities(str(store), image, band_idx, wgrid, cfg.blend, str(cfg.model), device,
                                          cfg.batch_size, nodata, len(spec.classes), where, gpu=gpu)  # fmt: skip
-    probs, valid = probs[:-1], probs[-1] > 0.5  # the last channel is the validity
-    labels = apply.argmax_labels(probs, valid, LABEL_NODATA, where)
+    labels = apply.argmax_valid_labels(probs, LABEL_NODATA, where)  # the last channel is the validity
+    probs = probs[:-1]
     attrs = {"model": str(cfg.model), "window": wgrid.window, "stride": wgrid.stride, "blend": cfg.blend}
     out_probs = probs.astype(np.float16) if cfg.probabilities else None
     return labels, out_probs, attrs, list(spec.classes)

