@@ -56,6 +56,10 @@ class BandSource:
 # GDAL prints "ERROR 1" and the read returns garbage with no exception. Reading on the
 # calling thread turns those errors into exceptions; Dask runs chunks in parallel instead.
 _READ_ENV = {"GDAL_NUM_THREADS": "1"}
+#: GDAL's block cache while writing a COG, in MB. Its default, 5 % of the RAM, held every
+#: written tile of the temporary GeoTIFF until the file was closed, so stitch's peak memory
+#: grew with the raster (README "Performance", case 4); tiles stream to disk with a small cache.
+_WRITE_ENV = {"GDAL_CACHEMAX": 64}
 
 
 def _read_failed(path: str | Path, window: Window, exc: RasterioError) -> RasterIOError:
@@ -330,7 +334,7 @@ def write_cog(
             if grid.crs_wkt is None:  # pixel coordinates (microscopy): no georeferencing is intended
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             dst = rasterio.open(tiled, "w", **profile)
-        with rasterio.Env(), dst:
+        with rasterio.Env(**_WRITE_ENV), dst:
             if colormap:  # before any pixel: GDAL fixes the photometric tag at the first write
                 dst.write_colormap(1, colormap)
             for window, arr in blocks:
@@ -347,7 +351,7 @@ def write_cog(
                 dst.set_band_description(i, text)
             if tags:
                 dst.update_tags(**tags)
-        with rasterio.Env():
+        with rasterio.Env(**_WRITE_ENV):
             rasterio.shutil.copy(
                 tiled,
                 final_tmp,
