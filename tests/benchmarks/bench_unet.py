@@ -99,15 +99,16 @@ def side_tileseg(store: Path, work: Path, args: argparse.Namespace, processes: b
     from pipeline.segment.unet import cached_model
 
     cfg = DaskConfig(progress=False) if processes else DaskConfig(progress=False, scheduler="threads")
-    with dask_client(cfg) as client, harness.py_spy(args.profile):
+    with dask_client(cfg) as client:
         if client is not None:  # load the model on every worker before the clock, as below in this process
             client.run(cached_model, args.model, args.device)
         cached_model(args.model, args.device)
-        t1 = time.perf_counter()
-        stages.segment(local, seg, progress=False, overwrite=True)
-        t2 = time.perf_counter()
-        stages.stitch(local, work / "labels.tif", StitchConfig(), progress=False, overwrite=True)
-        t3 = time.perf_counter()
+        with harness.py_spy(args.profile):
+            t1 = time.perf_counter()
+            stages.segment(local, seg, progress=False, overwrite=True)
+            t2 = time.perf_counter()
+            stages.stitch(local, work / "labels.tif", StitchConfig(), progress=False, overwrite=True)
+            t3 = time.perf_counter()
     labels = zstore.open_store(local)[zstore.LABELS].values
     np.save(work / "labels.npy", labels)
     harness.report_side(wall_s=t3 - t1, segment_s=round(t2 - t1, 3), stitch_s=round(t3 - t2, 3),

@@ -240,6 +240,10 @@ PROFILE_CATEGORIES = (
     ("zarr decode (zstd)", ("ZstdCodec._decode",)),
     ("zarr fill-value scan", ("all_equal",)),
     ("GeoTIFF / COG write (GDAL)", ("write_cog", "write_geotiff")),
+    ("U-Net model (torch forward)", ("predict_probabilities", "Module._call_impl", "predictor (")),
+    ("window weighting and sums", ("window_sums", "add_blocks", "normalise_sums", "compute_importance_map",
+                                   "sliding_window_inference")),  # fmt: skip
+    ("input normalisation", ("normalise (",)),
     ("numpy kernels (index, histogram, Otsu)", ("IndexKernel", "kernel (", "threshold_otsu", "histogram")),
     ("zarr other (file I/O, event loop)", ("zarr/", "_chain_future")),  # zarr hands work to threads via asyncio
     ("Dask scheduling, comms, (de)serialization", ("distributed/", "dask/", "pickle", "tornado")),
