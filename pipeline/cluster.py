@@ -10,11 +10,12 @@ is none. :func:`dask_client` picks the cluster from :class:`~pipeline.config.Das
    process per GPU, each seeing only its own GPU (``CUDA_VISIBLE_DEVICES``) and offering
    the resource ``GPU=1``; U-Net inference tasks ask for that resource
    (:func:`gpu_workers_present`), so each GPU runs one inference task at a time;
-3. else a ``LocalCluster`` of ``n_workers`` x ``threads_per_worker``;
-4. or, with ``scheduler: threads``, no cluster at all: Dask's threaded scheduler in this
-   process with ``n_workers`` x ``threads_per_worker`` threads. Its cost per task is far
-   lower (no scheduler round trip), which the benchmarks showed bounding the classical
-   stages on small machines (README "Performance"); there is no dashboard and no GPU worker.
+3. else, with ``scheduler: auto`` (the default) or ``threads``: no cluster at all, Dask's
+   threaded scheduler in this process with ``n_workers`` x ``threads_per_worker`` threads.
+   Its cost per task is far lower (no scheduler round trip, no pickling, no worker
+   start-up), which the benchmarks showed bounding every stage on one machine (README
+   "Performance"); there is no dashboard;
+4. else (``scheduler: distributed``) a ``LocalCluster`` of ``n_workers`` x ``threads_per_worker``.
 
 Workers of an existing cluster may offer ``GPU`` resources too (``dask worker
 --resources GPU=1``); the U-Net tasks then ask for them in the same way.
@@ -117,6 +118,18 @@ def _gpu_cluster(cfg: DaskConfig) -> Any | None:
     )
 
 
+def resolved_scheduler(cfg: DaskConfig) -> str:
+    """``cfg.scheduler``, with ``auto`` resolved: ``distributed`` when a scheduler address is
+    given or tileseg would start GPU workers (``gpu_workers: auto``, worker processes, GPUs
+    present), else ``threads`` (on one CPU machine the threaded scheduler ran every benchmark
+    case faster than a LocalCluster of processes: README "Performance")."""
+    if cfg.scheduler != "auto":
+        return cfg.scheduler
+    if cfg.scheduler_address or (cfg.gpu_workers == "auto" and cfg.processes and gpu_count() > 0):
+        return "distributed"
+    return "threads"
+
+
 @contextmanager
 def dask_client(cfg: DaskConfig) -> Iterator[Any]:
     """Start (or connect to) the Dask cluster described by ``cfg`` for the duration of a block.
@@ -124,15 +137,17 @@ def dask_client(cfg: DaskConfig) -> Iterator[Any]:
     With ``cfg.scheduler_address`` it connects to that scheduler and leaves it running
     afterwards; otherwise it starts one worker per GPU when there are GPUs (see the module
     docstring), else a ``LocalCluster``, and closes it at the end. The dashboard link is logged.
-    With ``cfg.scheduler == "threads"`` it starts nothing and yields None: Dask's threaded
-    scheduler runs the block's computations (``n_workers * threads_per_worker`` threads).
+    With ``cfg.scheduler == "threads"`` (the default ``auto`` on a machine without GPUs and
+    without a scheduler address, see :func:`resolved_scheduler`) it starts nothing and yields
+    None: Dask's threaded scheduler runs the block's computations (``n_workers *
+    threads_per_worker`` threads).
 
     Raises:
         ClusterError: the scheduler cannot be reached.
     """
     from distributed import Client, LocalCluster
 
-    if cfg.scheduler == "threads":  # no cluster: Dask's local threaded scheduler (compute() uses it)
+    if resolved_scheduler(cfg) == "threads":  # no cluster: Dask's local threaded scheduler (compute() uses it)
         n = cfg.n_workers * cfg.threads_per_worker
         log.info("Dask: threaded scheduler in this process, %d threads", n)
         with dask.config.set(scheduler="threads", num_workers=n):

@@ -410,11 +410,13 @@ class DaskConfig(_Model):
         "(torch.cuda.device_count() > 0), start one worker per GPU (pinned with CUDA_VISIBLE_DEVICES, "
         "resource GPU=1) instead of n_workers; U-Net inference tasks then ask for a GPU. 'off': CPU workers only.",
     )
-    scheduler: Literal["distributed", "threads"] = Field(
-        default="distributed",
+    scheduler: Literal["auto", "distributed", "threads"] = Field(
+        default="auto",
         description="'distributed': a dask.distributed cluster (a LocalCluster, or scheduler_address). "
         "'threads': no cluster; Dask's threaded scheduler in this process with n_workers x threads_per_worker "
-        "threads: on one machine its per-task cost is about 20x lower (README, Performance).",
+        "threads: on one machine its per-task cost is about 20x lower (README, Performance). "
+        "'auto': 'distributed' with a scheduler_address or GPU workers (gpu_workers auto, GPUs present), "
+        "else 'threads'.",
     )
 
     @model_validator(mode="after")

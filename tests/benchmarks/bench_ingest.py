@@ -2,12 +2,13 @@
 
 Sides (each in its own child process, see :mod:`tests.benchmarks.harness`):
 
-- ``tileseg``: ``stages.ingest`` on the LocalCluster that ``tileseg run`` starts by default
+- ``tileseg``: ``stages.ingest`` with ``dask.scheduler: distributed``: a LocalCluster
   (:class:`~pipeline.config.DaskConfig`: 2 worker processes x 1 thread); the cluster is
   started before the clock starts (a run starts it once for all its stages; its start-up
   time is reported as ``startup_s``), and its workers count in the peak RSS.
 - ``tileseg_threads``: the same stage with ``dask.scheduler: threads`` (no cluster: Dask's
-  threaded scheduler in the process, 2 threads).
+  threaded scheduler in the process, 2 threads): what the default ``auto`` picks on a
+  machine without GPUs.
 - ``rioxarray``: ``rioxarray.open_rasterio(path, chunks=...)`` followed by ``.to_zarr()``
   with the same chunking (band, T, T) and the same (default) zarr v3 codecs, on Dask's
   default threaded scheduler, as a user would write it.
@@ -37,12 +38,12 @@ SIDES = ("tileseg", "tileseg_threads", "rioxarray")
 
 
 def side_tileseg(src: Path, out: Path, chunk: int, processes: bool, profile: str | None) -> None:
-    """Child: ingest with tileseg on a LocalCluster of processes (as ``tileseg run``) or Dask's threaded scheduler."""
+    """Child: ingest with tileseg on a LocalCluster of processes (``dask.scheduler: distributed``) or Dask's threaded scheduler."""
     from pipeline import stages
     from pipeline.cluster import dask_client
     from pipeline.config import DaskConfig, IngestConfig
 
-    cfg = DaskConfig(progress=False) if processes else DaskConfig(progress=False, scheduler="threads")
+    cfg = DaskConfig(progress=False, scheduler="distributed" if processes else "threads")
     t0 = time.perf_counter()
     with dask_client(cfg), harness.py_spy(profile):
         t1 = time.perf_counter()

@@ -4,10 +4,10 @@ Sides (each in its own child process, see :mod:`tests.benchmarks.harness`):
 
 - ``tileseg``: ``stages.ingest`` -> ``stages.segment`` (``threshold`` on the band, Otsu
   from the whole-raster histogram, chunk by chunk) -> ``stages.stitch`` (a COG with
-  overviews and a colour table), on the LocalCluster that ``tileseg run`` starts by default
-  (2 worker processes x 1 thread; started before the clock, ``startup_s``).
+  overviews and a colour table), on a LocalCluster (``dask.scheduler: distributed``,
+  2 worker processes x 1 thread; started before the clock, ``startup_s``).
 - ``tileseg_threads``: the same with ``dask.scheduler: threads`` (no cluster: Dask's threaded
-  scheduler in the process, 2 threads).
+  scheduler in the process, 2 threads): what the default ``auto`` picks without GPUs.
 - ``whole_image``: the whole-image way: ``rasterio`` reads the band whole, then
   ``skimage.filters.threshold_otsu``, ``labels = band > t`` as uint8, written as a tiled
   deflate GeoTIFF (512 px tiles, no overviews). ``--whole-read all`` reads every band
@@ -53,7 +53,7 @@ def side_tileseg(src: Path, work: Path, band: str, chunk: int, processes: bool, 
     from pipeline.config import DaskConfig, IngestConfig, SegmentConfig, StitchConfig, ThresholdConfig
     from pipeline.io import store as zstore
 
-    cfg = DaskConfig(progress=False) if processes else DaskConfig(progress=False, scheduler="threads")
+    cfg = DaskConfig(progress=False, scheduler="distributed" if processes else "threads")
     seg = SegmentConfig(method="threshold", threshold=ThresholdConfig(expression=band, value=None))
     store, cog = work / "scene.zarr", work / "labels.tif"
     t0 = time.perf_counter()

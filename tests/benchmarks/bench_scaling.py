@@ -17,7 +17,7 @@ Dask workers included, over the child's whole life, imports included):
   Default s = 512 px (16x: 2048 px).
 
 Both use ``dask.scheduler: threads`` (2 threads) by default; ``--scheduler distributed``
-starts the LocalCluster ``tileseg run`` starts (2 worker processes x 1 thread). The clock
+starts a LocalCluster (2 worker processes x 1 thread). The clock
 starts after the imports and after the cluster is up; by then the child and its workers have
 imported what the stages import lazily (:data:`WARM_MODULES`; for ``unet`` also
 ``pipeline.segment.unet``, so torch) and loaded the model into their model cache

@@ -9,10 +9,10 @@ Sides:
 
 - ``tileseg``: the segment stage (``method: unet``) from the zarr store to ``labels`` in the
   store, then stitch to a COG: zarr in, zarr + COG out, on Dask's threaded scheduler
-  (``dask.scheduler: threads``, one thread per core), timed from the first read to the
+  (``dask.scheduler: threads``, one thread per core: the default ``auto`` without GPUs), timed from the first read to the
   published COG.
-- ``tileseg_distributed``: the same on the LocalCluster ``tileseg run`` starts by default
-  (2 worker processes x 1 thread), started before the clock.
+- ``tileseg_distributed``: the same on a LocalCluster (``dask.scheduler: distributed``,
+  2 worker processes x 1 thread), started before the clock.
 - ``monai``: the store's model bands read into memory and normalised (not timed), then
   ``monai.inferers.sliding_window_inference(mode="gaussian", sigma_scale=0.125)`` and the
   argmax (timed).
@@ -98,7 +98,7 @@ def side_tileseg(store: Path, work: Path, args: argparse.Namespace, processes: b
                         blend="gaussian", placement="edge", batch_size=args.batch, device=args.device))  # fmt: skip
     from pipeline.segment.unet import cached_model
 
-    cfg = DaskConfig(progress=False) if processes else DaskConfig(progress=False, scheduler="threads")
+    cfg = DaskConfig(progress=False, scheduler="distributed" if processes else "threads")
     with dask_client(cfg) as client:
         if client is not None:  # load the model on every worker before the clock, as below in this process
             client.run(cached_model, args.model, args.device)
