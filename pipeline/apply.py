@@ -477,17 +477,6 @@ def confusion(
     return per_chunk.sum(axis=(0, 1))
 
 
-def argmax_labels(probs: da.Array, valid: da.Array, nodata: int, where: str = "segment (unet)") -> da.Array:
-    """uint8 (y, x): the most probable class (lowest id on ties), ``nodata`` where not valid."""
-
-    def kernel(p: np.ndarray, ok: np.ndarray) -> np.ndarray:
-        out = np.argmax(p, axis=0).astype(np.uint8)
-        out[~ok] = nodata
-        return out
-
-    return da.map_blocks(in_chunk(kernel, where), probs, valid, drop_axis=0, dtype=np.uint8, meta=_meta(np.uint8))
-
-
 def argmax_valid_labels(out: da.Array, nodata: int, where: str = "segment (unet)") -> da.Array:
     """uint8 (y, x) labels from :func:`pipeline.inference.unet_probabilities`' (K + 1, y, x)
     output: the most probable of the K classes (lowest id on ties), ``nodata`` where the last

@@ -70,9 +70,11 @@ def _share_cpus_with_other_tasks() -> None:
         torch.set_num_threads(want)
 
 
-def _owned_sums(store: str, band_idx: list[int], shape: tuple[int, int], oy: np.ndarray, ox: np.ndarray,
+def _block_sums(store: str, band_idx: list[int], shape: tuple[int, int], oy: np.ndarray, ox: np.ndarray,
                 rows: tuple[int, int], cols: tuple[int, int], wgrid: WindowGrid, kind: str, model_path: str,
                 device: str, batch_size: int, nodata: float | None, n_classes: int) -> np.ndarray:  # fmt: skip
+    """One window block's task: float32 (K + 2, rows, cols), the block's weighted sums
+    (:func:`pipeline.blend.window_sums`) and its pixels' validity, from one store read."""
     from pipeline.io.store import read_region
     from pipeline.segment.unet import cached_model, normalise, predict_probabilities
 
@@ -144,7 +146,7 @@ def unet_probabilities(
     blocks_x = window_blocks(wgrid.origins(w), bx, wgrid.window, w)
     token = tokenize(store, image.name, band_idx, wgrid, kind, model_path, device, batch_size, nodata, n_classes)
     sums_name, out_name = f"tileseg-unet-{token}", f"tileseg-blend-{token}"
-    owned = in_chunk(_owned_sums, where)
+    block_sums = in_chunk(_block_sums, where)
     combine = in_chunk(_combine, where)
 
     def located(fn: in_chunk, rows: tuple[int, int], cols: tuple[int, int], index: tuple[int, int]) -> partial:
@@ -154,7 +156,7 @@ def unet_probabilities(
     step1: dict = {}
     for p, (oy, y0, y1) in enumerate(blocks_y):
         for q, (ox, x0, x1) in enumerate(blocks_x):
-            step1[(sums_name, p, q)] = (located(owned, (y0, y1), (x0, x1), (p, q)), store, band_idx, (h, w), oy, ox,
+            step1[(sums_name, p, q)] = (located(block_sums, (y0, y1), (x0, x1), (p, q)), store, band_idx, (h, w), oy, ox,
                                         (y0, y1), (x0, x1), wgrid, kind, model_path, device, batch_size, nodata,
                                         n_classes)  # fmt: skip
     ys0, ys1 = np.array([b[1] for b in blocks_y]), np.array([b[2] for b in blocks_y])
