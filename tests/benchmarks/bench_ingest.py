@@ -91,11 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         for side in sides:
             out = work / f"{side}.zarr"
-            prof = [] if not args.profile else ["--profile", str(Path(args.profile).resolve() / f"ingest_{side}.txt")]
-            results[side] = harness.run_side([__file__, "--side", side, "--input", str(src), "--out", str(out),
-                                              "--chunk", str(args.chunk), *prof])  # fmt: skip
-            if prof:
-                results[side].report["profile"] = harness.summarize_profile(prof[1])
+            results[side] = harness.run_case_side(__file__, "ingest", side, ["--input", str(src), "--out", str(out),
+                                                  "--chunk", str(args.chunk)], args.profile)  # fmt: skip
         base = "rioxarray"
         row = {"case": "ingest", "shape": [nb, h, w], "dtype": "uint8", "chunk": args.chunk,
                "input": {"file": src.name, "bytes": src.stat().st_size, "compress": "deflate", "tiled": 512},

@@ -154,12 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         for side in sides:
             d = work / side
             d.mkdir()
-            prof = [] if not args.profile else ["--profile", str(Path(args.profile).resolve() / f"otsu_{side}.txt")]
-            results[side] = harness.run_side([__file__, "--side", side, "--input", str(src), "--work", str(d),
-                                              "--band", args.band, "--chunk", str(args.chunk),
-                                              "--whole-read", args.whole_read, *prof])  # fmt: skip
-            if prof:
-                results[side].report["profile"] = harness.summarize_profile(prof[1])
+            results[side] = harness.run_case_side(__file__, "otsu", side, ["--input", str(src), "--work", str(d),
+                                                  "--band", args.band, "--chunk", str(args.chunk),
+                                                  "--whole-read", args.whole_read], args.profile)  # fmt: skip
         base = "whole_image"
         row = {"case": "otsu", "shape": [h, w], "band": args.band, "dtype": "uint8", "chunk": args.chunk,
                "whole_read": args.whole_read, "input": {"file": src.name, "bytes": src.stat().st_size},

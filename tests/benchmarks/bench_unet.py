@@ -204,13 +204,10 @@ def main(argv: list[str] | None = None) -> None:
         for side in sides:
             d = work / side
             d.mkdir()
-            prof = [] if not args.profile else ["--profile", str(Path(args.profile).resolve() / f"unet_{side}.txt")]
-            results[side] = harness.run_side([__file__, "--side", side, "--store", str(store), "--work", str(d),
-                                              "--model", args.model, "--device", args.device,
-                                              "--window", str(args.window), "--overlap", str(args.overlap),
-                                              "--batch", str(args.batch), *prof])  # fmt: skip
-            if prof:
-                results[side].report["profile"] = harness.summarize_profile(prof[1])
+            results[side] = harness.run_case_side(__file__, "unet", side, ["--store", str(store), "--work", str(d),
+                                                  "--model", args.model, "--device", args.device,
+                                                  "--window", str(args.window), "--overlap", str(args.overlap),
+                                                  "--batch", str(args.batch)], args.profile)  # fmt: skip
         row = {"case": "unet", "device": args.device, "shape": [h, w], "window": args.window,
                "overlap": args.overlap, "batch": args.batch, "model": Path(args.model).name,
                "sides": {s: r.summary(mpx) for s, r in results.items()}}  # fmt: skip

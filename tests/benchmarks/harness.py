@@ -194,6 +194,17 @@ def run_side(args: list[str], interval: float = 0.02, timeout: float = 3600) -> 
     return SideResult(json.loads(lines[-1]), mem.peak, elapsed)
 
 
+def run_case_side(script: str, case: str, side: str, args: list[str], profile: str | None) -> SideResult:
+    """Run one side of a case: ``python script --side SIDE ARGS...`` (:func:`run_side`); with
+    ``profile`` (a folder) the child records a py-spy profile in ``<profile>/<case>_<side>.txt``
+    and its summary (:func:`summarize_profile`) is added to the side's report."""
+    prof = [] if not profile else ["--profile", str(Path(profile).resolve() / f"{case}_{side}.txt")]
+    result = run_side([script, "--side", side, *args, *prof])
+    if prof:
+        result.report["profile"] = summarize_profile(prof[1])
+    return result
+
+
 def report_side(**fields: Any) -> None:
     """Print a side's report as the JSON line :func:`run_side` reads (called in the child)."""
     print(json.dumps(fields), flush=True)
