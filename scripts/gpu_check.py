@@ -19,6 +19,9 @@ Usage, from the repository root of a machine with a GPU, after ``tileseg data fe
 
     python scripts/gpu_check.py [--repeat-y 8 --repeat-x 4] [--window 512] [--batch 16]
 
+On this project's lent GPU machine (Python 3.12 with torch but without dask, zarr, rasterio,
+MONAI, ...): ``scripts/gpu_wheels.sh`` here first, then the device call it describes.
+
 Exits with an error line when no CUDA device is visible.
 """
 
@@ -39,6 +42,7 @@ def main() -> int:
     ap.add_argument("--overlap", default="0.25")
     ap.add_argument("--batch", default="16")
     ap.add_argument("--sides", default="tileseg,tileseg_distributed,monai,monai_channels_last,monai_compiled")
+    ap.add_argument("--results", default="tests/benchmarks/results.jsonl", help="JSON lines file to append to")
     args = ap.parse_args()
     import torch
 
@@ -49,7 +53,7 @@ def main() -> int:
 
     bench_unet.main(["--device", "cuda", "--compile", "--repeat-y", args.repeat_y, "--repeat-x", args.repeat_x,
                      "--window", args.window, "--overlap", args.overlap, "--batch", args.batch,
-                     "--sides", args.sides])  # fmt: skip
+                     "--sides", args.sides, "--results", args.results])  # fmt: skip
     return 0
 
 
