@@ -46,7 +46,7 @@ def _share_cpus_with_other_tasks() -> None:
     """On Dask's threaded scheduler, give each concurrent task ``cpus / threads`` torch threads.
 
     Several tasks each running torch on every core oversubscribe the CPUs; on 2 cores two
-    tasks with one torch thread each ran the sample model 12 % faster than one task with two
+    tasks with one torch thread each ran the sample model 12 to 16 % faster than one task with two
     (README "Performance"). Called in every task: torch's intra-op thread count is kept per
     OS thread (OpenMP), so setting it once in one Dask thread leaves the others at all cores.
     Distributed workers need nothing: their nanny already limits OpenMP to one thread.
@@ -135,7 +135,7 @@ def unet_probabilities(
     model is loaded once per process (:func:`pipeline.segment.unet.cached_model`).
 
     Args:
-        gpu: the inference tasks ask for a ``GPU`` resource (``dask.annotate``), so they run
+        gpu: the inference tasks ask for a ``GPU`` resource (an annotation of their graph layer), so they run
             on GPU workers only, one at a time per worker; the sums go anywhere.
     """
     h, w = image.shape[1:]
