@@ -114,3 +114,40 @@ def test_a_band_off_the_grid_is_refused(tmp_path):
     with pytest.raises(InputError, match="does not overlap the target grid"):
         _ingest([a, far], tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_open_datasets_are_reused_per_thread_and_never_stale(tmp_path):
+    """Chunk reads keep a file open per thread (pipeline.io.raster._reader): a file rewritten
+    under the same path is read afresh, a failed read drops its dataset, and a thread keeps at
+    most 16 open."""
+    import os
+
+    from rasterio.windows import Window
+
+    from pipeline.grid import Grid
+    from pipeline.io import raster as rio
+
+    def grid_of(path):
+        info = rio.raster_info(path)
+        return info.grid
+
+    a = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    path = synth.write_tif(tmp_path / "a.tif", a)
+    g: Grid = grid_of(path)
+    w = Window(0, 0, 32, 32)
+    np.testing.assert_array_equal(rio.read_onto_grid(str(path), [1], g, w)[0], a[:32, :32])
+    first = rio._reader(str(path))
+    assert rio._reader(str(path)) is first  # reused
+    st = os.stat(path)
+    synth.write_tif(path, a + 1)  # rewritten in place
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    np.testing.assert_array_equal(rio.read_onto_grid(str(path), [1], g, w)[0], a[:32, :32] + 1)
+    assert first.closed  # the stale dataset was closed, not leaked
+    path.write_bytes(path.read_bytes()[:600])  # truncated: the read fails, and its dataset is dropped
+    with pytest.raises(RasterIOError):
+        rio.read_onto_grid(str(path), [1], g, w)
+    assert all(k[0] != str(path) for k in rio._HANDLES.datasets)
+    for i in range(20):
+        p = synth.write_tif(tmp_path / f"f{i}.tif", a)
+        rio.read_onto_grid(str(p), [1], g, w)
+    assert len(rio._HANDLES.datasets) == 16
