@@ -112,7 +112,7 @@ def landcover_run(config: RunConfig) -> dict[str, str]:
     check_run_outputs(config)  # another run's outputs: refused before anything is written
     took: dict[str, float] = {}
     report = None
-    with dask_client(config.dask):  # logs the Dask dashboard link
+    with dask_client(config.dask):  # the threaded scheduler, or a cluster (whose dashboard link it logs)
         store = _timed(took, "ingest", lambda: ingest_task(config))
         store = _timed(took, "segment", lambda: segment_task(store, config))
         cog = _timed(took, "stitch", lambda: stitch_task(store, config))
