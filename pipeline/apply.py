@@ -101,7 +101,8 @@ class in_chunk:  # noqa: N801 - used like a function
 
 
 def _read_block(
-    sources: list[BandSource], grid: Grid, resampling: str, nodata: float | None, dtype: str, block_info=None
+    sources: list[BandSource], grid: Grid, resampling: str, nodata: float | None, dtype: str,
+    session: str | None = None, block_info=None,
 ) -> np.ndarray:
     window = block_window(block_info[None]["array-location"])
     out = np.empty((len(sources), int(window.height), int(window.width)), dtype=dtype)
@@ -120,17 +121,20 @@ def _read_block(
             src_nodata=nodata if nodata is not None else group[0].nodata,
             dst_nodata=nodata,
             src_grid=group[0].grid,
+            session=session,
         )
         i = j + 1
     return out
 
 
 def read_image(sources: list[BandSource], grid: Grid, chunk: int, resampling: str, nodata: float | None,
-               where: str = "ingest") -> da.Array:  # fmt: skip
+               where: str = "ingest", session: str | None = None) -> da.Array:  # fmt: skip
     """Lazy (band, y, x) image of all ``sources`` on ``grid``, chunked (all bands, chunk, chunk).
 
     dtype: the common numpy dtype of the sources (``np.result_type``). ``where`` names the
-    stage in the errors of a chunk (see :class:`in_chunk`).
+    stage in the errors of a chunk (see :class:`in_chunk`). With ``session`` (an id unique to
+    this computation) each Dask thread keeps the files open from one chunk to the next
+    (:func:`pipeline.io.raster.read_onto_grid`).
     """
     dtype = np.result_type(*[np.dtype(s.dtype) for s in sources]).name
     chunks = ((len(sources),), chunk_sizes(grid.height, chunk), chunk_sizes(grid.width, chunk))
@@ -141,6 +145,7 @@ def read_image(sources: list[BandSource], grid: Grid, chunk: int, resampling: st
         resampling,
         nodata,
         dtype,
+        session,
         chunks=chunks,
         dtype=dtype,
         meta=np.empty((0, 0, 0), dtype=dtype),

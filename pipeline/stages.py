@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,8 @@ def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool =
         log.info("re-ingesting %s: %s", store, why or "--overwrite")
     for b in {b.path: b for b in bands}.values():  # a band entirely off the grid would read as all nodata
         check_overlap(grid, b.grid.bounds(), b.grid.crs_wkt, f"input {b.path}", "the target grid")
-    image = apply.read_image(bands, grid, cfg.chunk_size, cfg.grid.resampling, nodata, where=f"ingest -> {store}")
+    image = apply.read_image(bands, grid, cfg.chunk_size, cfg.grid.resampling, nodata, where=f"ingest -> {store}",
+                             session=uuid.uuid4().hex)  # fmt: skip
     ds = zstore.image_dataset(image, grid, [b.name for b in bands], nodata)
     ds.attrs[resume.MANIFEST_ATTR] = resume.ingest_manifest(sources, cfg)
     store.parent.mkdir(parents=True, exist_ok=True)

@@ -117,9 +117,9 @@ def test_a_band_off_the_grid_is_refused(tmp_path):
 
 
 def test_open_datasets_are_reused_per_thread_and_never_stale(tmp_path):
-    """Chunk reads keep a file open per thread (pipeline.io.raster._reader): a file rewritten
-    under the same path is read afresh, a failed read drops its dataset, and a thread keeps at
-    most 16 open."""
+    """Chunk reads of one ingest (a session) keep a file open per thread (pipeline.io.raster._reader):
+    another session opens it afresh, a file rewritten under the same path is read afresh, a
+    failed read drops its dataset, and a thread keeps at most 16 open."""
     import os
 
     from rasterio.windows import Window
@@ -135,19 +135,26 @@ def test_open_datasets_are_reused_per_thread_and_never_stale(tmp_path):
     path = synth.write_tif(tmp_path / "a.tif", a)
     g: Grid = grid_of(path)
     w = Window(0, 0, 32, 32)
-    np.testing.assert_array_equal(rio.read_onto_grid(str(path), [1], g, w)[0], a[:32, :32])
-    first = rio._reader(str(path))
-    assert rio._reader(str(path)) is first  # reused
+    s = "session-1"
+    np.testing.assert_array_equal(rio.read_onto_grid(str(path), [1], g, w, session=s)[0], a[:32, :32])
+    first = rio._reader(str(path), s)
+    assert rio._reader(str(path), s) is first  # reused within a session ...
+    other = rio._reader(str(path), "session-2")
+    assert other is not first and first.closed  # ... and never by another one
+    first = rio._reader(str(path), s)
     st = os.stat(path)
     synth.write_tif(path, a + 1)  # rewritten in place
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    np.testing.assert_array_equal(rio.read_onto_grid(str(path), [1], g, w)[0], a[:32, :32] + 1)
+    np.testing.assert_array_equal(rio.read_onto_grid(str(path), [1], g, w, session=s)[0], a[:32, :32] + 1)
     assert first.closed  # the stale dataset was closed, not leaked
     path.write_bytes(path.read_bytes()[:600])  # truncated: the read fails, and its dataset is dropped
     with pytest.raises(RasterIOError):
-        rio.read_onto_grid(str(path), [1], g, w)
+        rio.read_onto_grid(str(path), [1], g, w, session=s)
     assert all(k[0] != str(path) for k in rio._HANDLES.datasets)
     for i in range(20):
         p = synth.write_tif(tmp_path / f"f{i}.tif", a)
-        rio.read_onto_grid(str(p), [1], g, w)
+        rio.read_onto_grid(str(p), [1], g, w, session=s)
     assert len(rio._HANDLES.datasets) == 16
+    before = dict(rio._HANDLES.datasets)
+    rio.read_onto_grid(str(p), [1], g, w)  # without a session: opened and closed, nothing kept
+    assert rio._HANDLES.datasets == before

@@ -10,6 +10,8 @@ import json
 import os
 import re
 import threading
+from contextlib import nullcontext
+from typing import Any
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -71,24 +73,25 @@ _HANDLES = threading.local()
 _HANDLES_MAX = 16
 
 
-def _reader(path: str) -> rasterio.DatasetReader:
-    """An open dataset for ``path`` kept for this thread (at most 16, least recently used
-    closed first), re-opened when the file's inode, size or mtime changed. Opening a GeoTIFF
-    cost about 1 ms of the 3 ms a 512 px chunk's read took (ingest benchmark). Datasets are
-    not shared between threads: each Dask thread has its own. Only ``path`` itself is checked:
-    a VRT whose sources change while it stays the same is not re-opened (a long-lived worker of
-    an existing cluster keeps its datasets between runs)."""
+def _reader(path: str, session: str) -> rasterio.DatasetReader:
+    """An open dataset for ``path`` kept for this thread during one ``session`` (one stage's
+    computation; at most 16 datasets, least recently used closed first), re-opened when the
+    file's inode, size or mtime changed. Opening a GeoTIFF cost about 1 ms of the 3 ms a
+    512 px chunk's read took (ingest benchmark). Datasets are not shared between threads: each
+    Dask thread has its own. A new session (every ingest) opens every file afresh, so a
+    long-lived worker of an existing cluster never reads a VRT whose sources were replaced
+    between runs through an old dataset."""
     try:
         st = os.stat(path)
-        key: tuple = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        key: tuple = (path, session, st.st_ino, st.st_size, st.st_mtime_ns)
     except OSError:  # missing (rasterio raises below), or not a local file (a URL, /vsi...)
-        key = (path,)
+        key = (path, session)
     cache = getattr(_HANDLES, "datasets", None)
     if cache is None:
         cache = _HANDLES.datasets = {}
     ds = cache.pop(key, None)
     if ds is None or ds.closed:
-        for k in [k for k in cache if k[0] == path]:  # an older version of the same file
+        for k in [k for k in cache if k[0] == path]:  # an older version, or another session's
             cache.pop(k).close()
         with rasterio.Env(**_READ_ENV):
             ds = rasterio.open(path)
@@ -96,6 +99,12 @@ def _reader(path: str) -> rasterio.DatasetReader:
             cache.pop(next(iter(cache))).close()
     cache[key] = ds  # most recently used last
     return ds
+
+
+def _opened(path: str, session: str | None) -> Any:
+    """Context manager of a dataset for reading: this thread's open one for ``session``
+    (:func:`_reader`, left open), or, without a session, one opened and closed here."""
+    return nullcontext(_reader(path, session)) if session else rasterio.open(path)
 
 
 def _forget(path: str) -> None:
@@ -231,13 +240,15 @@ def read_onto_grid(
     src_nodata: float | None = None,
     dst_nodata: float | None = None,
     src_grid: Grid | None = None,
+    session: str | None = None,
 ) -> np.ndarray:
     """Read bands of ``path`` for ``window`` of the target ``grid``, resampling when grids differ.
 
     Returns an array of shape (len(indexes), window.height, window.width) in the file's dtype.
     Pixels of the window outside the source are ``dst_nodata`` (0 when None).
     The warp (rasterio ``WarpedVRT``) computes each output pixel from the source alone,
-    so the values do not depend on how the target grid is cut into windows.
+    so the values do not depend on how the target grid is cut into windows. With ``session``
+    (a stage's id) the file stays open in this thread for the next chunk (:func:`_reader`).
 
     Raises:
         RasterIOError: the file cannot be read.
@@ -246,8 +257,7 @@ def read_onto_grid(
     # GDAL exception: Dask (tblib) pickles the whole chain, and GDAL's CPLE errors do not
     # unpickle, which would turn the error into a bare `Exception` on the client.
     try:
-        with rasterio.Env(**_READ_ENV):
-            src = _reader(str(path))
+        with rasterio.Env(**_READ_ENV), _opened(str(path), session) as src:
             own = src_grid or Grid(src.crs.to_wkt() if src.crs else None, src.transform, src.height, src.width)
             if same_grid(own, grid):
                 return src.read(indexes, window=window)
