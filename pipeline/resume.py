@@ -181,9 +181,9 @@ def write_labels(store: Path, cfg: SegmentConfig, labels: Any, probabilities: An
         log.info("resuming segment of %s: %d of %d chunks were already written; computing the other %d",
                  store, len(done), nby * nbx, len(todo))  # fmt: skip
     writer = zstore.ChunkWriter(str(store), key)
-    tasks = apply.chunk_tasks(apply.write_chunks(labels, probabilities, writer, where), todo)
-    if tasks:
-        compute(*tasks, label=f"segment ({cfg.method}): {len(todo)} chunks", progress=progress,
+    task = apply.chunk_tasks(apply.write_chunks(labels, probabilities, writer, where), todo)
+    if task is not None:
+        compute(task, label=f"segment ({cfg.method}): {len(todo)} chunks", progress=progress,
                 writes=f"labels in {store}")  # fmt: skip
     zstore.publish_labels(store)
 

@@ -151,3 +151,50 @@ def test_iter_blocks_reads_windows_and_names_a_damaged_chunk(tmp_path, scene):
     (store / "image" / "c" / "0" / "0" / "0").write_bytes(b"not a zstd frame")
     with pytest.raises(RasterIOError, match=r"image\[0:256, 0:256\]"):
         list(zstore.iter_blocks(store, "image", wins))
+
+
+def _max_live(dsk: dict, prefix: str) -> int:
+    """Most outputs of keys named ``prefix*`` held at once when ``dsk`` runs one task at a
+    time in ``dask.order``'s order (an output is freed after its last dependent ran)."""
+    from dask.core import get_dependencies
+    from dask.order import order
+
+    deps = {k: get_dependencies(dsk, k) for k in dsk}
+    waiting: dict = {}
+    for k, ds in deps.items():
+        for d in ds:
+            waiting[d] = waiting.get(d, 0) + 1
+    live: set = set()
+    most = 0
+    priority = order(dsk)
+    for k in sorted(dsk, key=priority.get):
+        for d in deps[k]:
+            waiting[d] -= 1
+            if waiting[d] == 0:
+                live.discard(d)
+        if isinstance(k, tuple) and str(k[0]).startswith(prefix):
+            live.add(k)
+        most = max(most, len(live))
+    return most
+
+
+def test_chunk_writes_are_ordered_by_rows_so_unet_window_blocks_are_freed_early():
+    """On a 4096 px wide raster Dask's own order kept 30 window blocks' sums alive at once (a
+    band of about 5 block rows); the row chain of ``apply.chunk_tasks`` keeps at most 2 to 3
+    block rows (6 blocks each) and still writes every chunk once."""
+    from pipeline import inference
+    from pipeline.blend import WindowGrid
+
+    image = da.zeros((10, 4096, 4096), np.uint16, chunks=(10, 512, 512))  # only its shape and chunks are used
+    probs = inference.unet_probabilities("never-read.zarr", image, list(range(10)),
+                                         WindowGrid.from_overlap(256, 0.25, 16, "edge"), "gaussian", "m.safetensors",
+                                         "cpu", 8, None, 8)  # fmt: skip
+    status = apply.write_chunks(apply.argmax_valid_labels(probs, 255), None, lambda *a: None)
+    todo = [(i, j) for i in range(8) for j in range(8)]
+    task = apply.chunk_tasks(status, todo)
+    dsk = dict(task.__dask_graph__())
+    writes = [k for k in dsk if isinstance(k, tuple) and k[0] == status.name]
+    assert sorted(k[1:] for k in writes) == todo
+    n_blocks = sum(1 for k in dsk if isinstance(k, tuple) and str(k[0]).startswith("tileseg-unet"))
+    assert n_blocks == 66
+    assert _max_live(dsk, "tileseg-unet") <= 18

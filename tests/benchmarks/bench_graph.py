@@ -16,7 +16,7 @@ quickly and small." Nothing is computed and no 100k x 100k pixels are written an
     ``apply.index_histogram`` and ``apply.index_labels`` over ``apply.read_store_image`` of a
     store path that is never read;
   - ``segment_write``: ``apply.write_chunks`` of those labels (what ``segment`` computes,
-    through ``apply.chunk_tasks``);
+    through ``apply.chunk_tasks``, which adds one task per row of chunks);
   - ``unet_probabilities`` / ``unet_labels``: ``inference.unet_probabilities`` (committed model,
     window 256, overlap 0.25) and the argmax labels with their validity mask
     (:func:`unet_graphs`, kept apart because that signature is about to change), over a 10-band

@@ -26,9 +26,9 @@ cost does not inflate the 1x time per pixel; ``startup_s`` reports it.
 
 Parallelism: with T-px chunks a run has ceil(edge / T)^2 chunk tasks per pass (``n_chunks``
 per scale). While that is below the number of Dask threads (2), a run uses fewer cores than
-the larger ones do: with the defaults the U-Net's 1x run (512 px, T = 512) is ONE chunk, so its
-time per pixel is that of one thread and its peak RSS that of one model call at a time. Use
-``--base-unet 1024`` (or ``--chunk 256``) to compare runs that all keep both threads busy.
+the larger ones do: a U-Net 1x run of 512 px with T = 512 would be ONE chunk, its time per
+pixel that of one thread and its peak RSS that of one model call at a time. So the U-Net's 1x
+is 1024 px by default (4 chunks), and every scale keeps both threads busy.
 
 Each scale's COG is checked after its run (:func:`check_output`): its shape, dtype and the
 count of each label value, so a run that wrote the wrong raster cannot pass as fast.
@@ -36,7 +36,7 @@ count of each label value, so a run that wrote the wrong raster cannot pass as f
 Prints one JSON line per pipeline and appends it to ``--results``.
 
 Usage: python tests/benchmarks/bench_scaling.py [--pipelines classical,unet] [--base-classical 2048]
-       [--base-unet 512] [--scheduler threads|distributed] [--profile DIR]
+       [--base-unet 1024] [--scheduler threads|distributed] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipelines", default=",".join(PIPELINES), help=f"comma-separated subset of {PIPELINES}")
     ap.add_argument("--base-classical", type=int, default=2048, help="1x edge in pixels of the classical runs")
-    ap.add_argument("--base-unet", type=int, default=512, help="1x edge in pixels of the U-Net runs")
+    ap.add_argument("--base-unet", type=int, default=1024, help="1x edge in pixels of the U-Net runs")
     ap.add_argument("--chunk", type=int, default=512, help="tileseg chunk edge T (pixels)")
     ap.add_argument("--scheduler", choices=("threads", "distributed"), default="threads")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="U-Net device")
