@@ -164,20 +164,26 @@ def valid_mask(image: da.Array, band_idx: list[int], nodata: float | None) -> da
 
 
 def read_store_image(store: str, shape: tuple[int, int, int], chunks: tuple[tuple[int, ...], ...], dtype: Any,
-                     where: str) -> da.Array:  # fmt: skip
+                     where: str, bands: list[int] | None = None) -> da.Array:  # fmt: skip
     """Lazy (band, y, x) ``image`` of a tileseg store, read chunk by chunk straight from zarr
-    (:func:`pipeline.io.store.read_region`), with ``chunks`` as stored, so a damaged chunk
-    is reported with its index and window (see :class:`in_chunk`)."""
+    (:func:`pipeline.io.store.read_region`), with ``chunks`` as stored (in y, x), so a damaged
+    chunk is reported with its index and window (see :class:`in_chunk`).
+
+    Args:
+        bands: the store's bands to read, in this order (default: all). Each band is an inner
+            chunk of the image's shards (:func:`pipeline.io.store.write_image`), so a method
+            using 1 of 13 bands decodes 1/13 of the pixels.
+    """
     from pipeline.io.store import read_region
 
-    bands = list(range(shape[0]))
+    bands = list(range(shape[0])) if bands is None else list(bands)
 
     def read(block_info=None) -> np.ndarray:
         (r0, r1), (c0, c1) = block_info[None]["array-location"][1:]
         return read_region(store, bands, r0, r1, c0, c1)
 
-    return da.map_blocks(in_chunk(read, where), chunks=chunks, dtype=dtype, meta=np.empty((0, 0, 0), dtype=dtype),
-                         token="tileseg-image")  # fmt: skip
+    return da.map_blocks(in_chunk(read, where), chunks=((len(bands),), *chunks[1:]), dtype=dtype,
+                         meta=np.empty((0, 0, 0), dtype=dtype), token="tileseg-image")  # fmt: skip
 
 
 def finite_range(values: da.Array, valid: da.Array) -> tuple[da.Array, da.Array]:

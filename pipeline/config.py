@@ -89,7 +89,7 @@ class GridConfig(_Model):
 class IngestConfig(_Model):
     """Options of the ingest stage (rasters -> chunked zarr store)."""
 
-    chunk_size: int = Field(default=512, ge=16, le=16384, description="Chunk edge T in pixels; chunks are (band, T, T).")
+    chunk_size: int = Field(default=1024, ge=16, le=16384, description="Chunk edge T in pixels; chunks are (band, T, T).")
     band_names: list[str] | None = Field(
         default=None, description="Names of the input bands in order. Default: from descriptions or file names."
     )
@@ -179,6 +179,13 @@ class StitchConfig(_Model):
         default="nearest", description="Overviews of a label raster never average."
     )
     compress: Literal["deflate", "zstd", "lzw"] = "deflate"
+    level: int | None = Field(
+        default=None,
+        ge=1,
+        le=22,
+        description="Compression level: deflate 1-12, zstd 1-22, none for lzw; null: GDAL's default (deflate 6, "
+        "zstd 9). Deflate 1 to 4 halves the stitch time for 11 to 40 % larger label COGs (README 'Performance').",
+    )
     blocksize: int = Field(default=512, ge=64, le=4096, description="COG tile edge in pixels (multiple of 16).")
 
     @field_validator("blocksize")
@@ -187,6 +194,14 @@ class StitchConfig(_Model):
         if v % 16:
             raise ValueError("blocksize must be a multiple of 16")
         return v
+
+    @model_validator(mode="after")
+    def _level_fits_compress(self) -> StitchConfig:
+        top = {"deflate": 12, "zstd": 22, "lzw": None}[self.compress]
+        if self.level is not None and (top is None or self.level > top):
+            allowed = "no level" if top is None else f"a level from 1 to {top}"
+            raise ValueError(f"stitch.level {self.level} does not fit compress {self.compress!r}: it takes {allowed}")
+        return self
 
 
 #: A class given by name (as in ``classes``) or by integer id / raw value.

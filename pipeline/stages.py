@@ -262,7 +262,9 @@ def segment(
     elif cfg.method == "threshold":
         tc = cfg.threshold
         expr = Expression.parse(tc.expression, band_names)
-        index = apply.IndexKernel(expr, band_names, nodata)  # one task per chunk and pass (see apply)
+        used = [band_names.index(n) for n in expr.names]  # only these bands are read and decoded
+        image = apply.read_store_image(str(store), image.shape, image.chunks, image.dtype, where, used)
+        index = apply.IndexKernel(expr, list(expr.names), nodata)  # one task per chunk and pass (see apply)
         if tc.value is None:
             # a bare 8/16-bit band: one bin per value, no range pass (classical.integer_bin_edges)
             edges = integer_bin_edges(image.dtype) if expr.band else None
@@ -297,7 +299,9 @@ def segment(
         missing = [b for b in feats if b not in band_names]
         if missing:
             raise InputError(f"segment.kmeans.bands {missing} are not in the raster; bands are {band_names}")
-        idx = [band_names.index(b) for b in feats]
+        image = apply.read_store_image(str(store), image.shape, image.chunks, image.dtype, where,
+                                       [band_names.index(b) for b in feats])  # only the features' bands  # fmt: skip
+        idx = list(range(len(feats)))
         valid = apply.valid_mask(image, idx, nodata)
         rows, cols = apply.sample_pixels(image, kc.sample_size, kc.seed)
         vals, ok = compute(
@@ -421,7 +425,7 @@ def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] |
         rio_io.write_cog(
             out, grid, str(labels.dtype), nodata, zstore.iter_blocks(store, zstore.LABELS, windows),
             colormap=class_colormap(class_names, classes) if labels.dtype == np.uint8 else None,
-            class_names=class_names, blocksize=cfg.blocksize, compress=cfg.compress,
+            class_names=class_names, blocksize=cfg.blocksize, compress=cfg.compress, level=cfg.level,
             overview_resampling=cfg.overview_resampling, on_block=lambda: bar.update(1), tags=tags,
         )  # fmt: skip
     finally:

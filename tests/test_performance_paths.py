@@ -9,13 +9,14 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+import rasterio
 import xarray as xr
 import zarr
 from skimage.filters import threshold_otsu
 
 from pipeline import apply, stages
 from pipeline.cluster import dask_client
-from pipeline.config import DaskConfig, IngestConfig, SegmentConfig, ThresholdConfig, load_config
+from pipeline.config import LABEL_NODATA, DaskConfig, IngestConfig, SegmentConfig, ThresholdConfig, load_config
 from pipeline.errors import ConfigError, RasterIOError
 from pipeline.io import store as zstore
 from pipeline.segment.classical import Expression, integer_bin_edges
@@ -127,10 +128,45 @@ def test_image_store_codec_and_all_fill_chunks(tmp_path):
     tif = synth.write_tif(tmp_path / "z.tif", img, names=["a", "b"])
     store = stages.ingest([tif], tmp_path / "z.zarr", IngestConfig(chunk_size=64), progress=False)
     arr = zarr.open_array(store / "image", mode="r")
-    zstd = [c for c in arr.metadata.codecs if type(c).__name__ == "ZstdCodec"]
+    # one shard per (band, 64, 64) chunk, one inner chunk per band, zstd level 1 inside
+    assert arr.shards == (2, 64, 64) and arr.chunks == (1, 64, 64)
+    (sharding,) = arr.metadata.codecs
+    zstd = [c for c in sharding.codecs if type(c).__name__ == "ZstdCodec"]
     assert zstd and zstd[0].level == zstore.IMAGE_ZSTD_LEVEL
     assert (store / "image" / "c" / "0" / "0" / "0").is_file()  # written, though all fill
     np.testing.assert_array_equal(arr[:], img)
+    # the store opens with Dask chunks = shards (all bands), not xarray's inner-chunk default
+    assert zstore.open_store(store)["image"].data.chunks == ((2,), (64, 64, 2), (64, 6))
+
+
+def test_threshold_and_kmeans_read_only_the_bands_they_use(tmp_path, monkeypatch):
+    """Each band is an inner chunk of the image's shards: a threshold on one band, or k-means
+    on some bands, reads (and decodes) only those, with the same labels."""
+    from pipeline.config import KMeansConfig
+    from pipeline.io import store as store_io
+
+    img = _bimodal(np.uint8)
+    img = np.concatenate([img, img[:1] // 2])  # bands A, B, C
+    tif = synth.write_tif(tmp_path / "s.tif", img, nodata=0, names=["A", "B", "C"])
+    store = stages.ingest([tif], tmp_path / "s.zarr", IngestConfig(chunk_size=128), progress=False)
+    read: list = []
+    real = store_io.read_region
+    monkeypatch.setattr(store_io, "read_region", lambda s, bands, *w: read.append(list(bands)) or real(s, bands, *w))
+    with dask_client(DaskConfig(progress=False, scheduler="threads")):
+        stages.segment(store, SegmentConfig(method="threshold", threshold=ThresholdConfig(expression="(B - C) / B")),
+                       progress=False)  # fmt: skip
+        labels = xr.open_zarr(store)["labels"].values
+        assert read and all(b == [1, 2] for b in read)
+        v = img[1].astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):  # B = 0 is nodata
+            ratio = (v - img[2]) / v
+        t = float(zstore.open_store(store)["labels"].attrs["threshold"])
+        expect = np.where(img[1:3].min(axis=0) == 0, LABEL_NODATA, ratio > t)
+        np.testing.assert_array_equal(labels, expect)
+        read.clear()
+        stages.segment(store, SegmentConfig(method="kmeans", kmeans=KMeansConfig(n_clusters=2, bands=["C"])),
+                       progress=False, overwrite=True)  # fmt: skip
+        assert read and all(b == [2] for b in read)
 
 
 def test_read_region_with_contiguous_and_scattered_bands(tmp_path, scene):
@@ -198,3 +234,29 @@ def test_chunk_writes_are_ordered_by_rows_so_unet_window_blocks_are_freed_early(
     n_blocks = sum(1 for k in dsk if isinstance(k, tuple) and str(k[0]).startswith("tileseg-unet"))
     assert n_blocks == 66
     assert _max_live(dsk, "tileseg-unet") <= 18
+
+
+def test_cog_compression_level_is_applied_and_checked(tmp_path):
+    """``stitch.level`` reaches GDAL (a lower deflate level writes a larger file of the same
+    pixels) and a level the codec does not take is refused."""
+    from rasterio.windows import Window
+
+    from pipeline.config import StitchConfig
+    from pipeline.grid import Grid
+    from pipeline.io.raster import write_cog
+
+    labels = synth.class_map(512, 512, n_classes=8, seed=3).astype(np.uint8)
+    labels[::7, ::5] = 3  # some texture, so that the levels differ
+    grid = Grid(None, rasterio.Affine.identity(), 512, 512)
+    sizes = {}
+    for level in (1, 9):
+        out = write_cog(tmp_path / f"l{level}.tif", grid, "uint8", 255, [(Window(0, 0, 512, 512), labels)],
+                        blocksize=256, compress="deflate", level=level)  # fmt: skip
+        with rasterio.open(out) as ds:
+            np.testing.assert_array_equal(ds.read(1), labels)
+        sizes[level] = out.stat().st_size
+    assert sizes[1] > sizes[9]
+    assert StitchConfig(compress="zstd", level=1).level == 1
+    for bad in ({"compress": "lzw", "level": 3}, {"compress": "deflate", "level": 15}):
+        with pytest.raises(ValueError, match="does not fit compress"):
+            StitchConfig(**bad)

@@ -335,6 +335,7 @@ def write_cog(
     class_names: list[str] | None = None,
     blocksize: int = 512,
     compress: str = "deflate",
+    level: int | None = None,
     overview_resampling: str = "nearest",
     on_block: Callable[[], None] | None = None,
     description: str = "labels",
@@ -354,6 +355,7 @@ def write_cog(
         blocks: (window, array of shape (window.height, window.width)) covering the grid;
             (bands, height, width) for a multi-band COG.
         band_descriptions: one description per band of a multi-band COG (no colour table).
+        level: the codec's compression level (GDAL's ``LEVEL``); None: GDAL's default.
         colormap: class id -> RGBA, embedded as the colour table.
         class_names: stored as the ``CLASS_NAMES`` tag (JSON list; id = position).
         description: the band description (with ``class_names``).
@@ -413,6 +415,7 @@ def write_cog(
                 driver="COG",
                 BLOCKSIZE=blocksize,
                 COMPRESS=compress.upper(),
+                **({"LEVEL": str(level)} if level is not None else {}),
                 OVERVIEW_RESAMPLING=overview_resampling.upper(),
                 BIGTIFF="IF_SAFER",
                 # Compress the COG's tiles (and overviews) on every core this process may use:

@@ -65,9 +65,11 @@ def side_rioxarray(src: Path, out: Path, chunk: int, profile: str | None) -> Non
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.config import IngestConfig  # the library's default chunk edge
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=8192, help="raster edge in pixels (size x size)")
-    ap.add_argument("--chunk", type=int, default=512, help="zarr chunk edge T (both sides)")
+    ap.add_argument("--chunk", type=int, default=IngestConfig().chunk_size, help="zarr chunk edge T (both sides) (default: ingest.chunk_size's)")
     harness.side_arguments(ap, SIDES)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

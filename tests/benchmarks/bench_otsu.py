@@ -124,10 +124,12 @@ def compare(tileseg_cog: str, whole_tif: str, src: Path, band: str, t_tileseg: f
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.config import IngestConfig  # the library's default chunk edge
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=8192, help="raster edge in pixels (size x size)")
     ap.add_argument("--band", default="B08", help="band to threshold (B02, B03, B04 or B08)")
-    ap.add_argument("--chunk", type=int, default=512, help="tileseg chunk edge T")
+    ap.add_argument("--chunk", type=int, default=IngestConfig().chunk_size, help="tileseg chunk edge T (default: ingest.chunk_size's)")
     ap.add_argument("--whole-read", choices=("band", "all"), default="band",
                     help="whole-image side reads only the band (default) or every band")  # fmt: skip
     harness.side_arguments(ap, SIDES)

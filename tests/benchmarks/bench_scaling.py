@@ -189,11 +189,13 @@ def scaling_row(pipeline: str, base: int, args: argparse.Namespace, work: Path) 
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.config import IngestConfig  # the library's default chunk edge
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipelines", default=",".join(PIPELINES), help=f"comma-separated subset of {PIPELINES}")
     ap.add_argument("--base-classical", type=int, default=2048, help="1x edge in pixels of the classical runs")
     ap.add_argument("--base-unet", type=int, default=1024, help="1x edge in pixels of the U-Net runs")
-    ap.add_argument("--chunk", type=int, default=512, help="tileseg chunk edge T (pixels)")
+    ap.add_argument("--chunk", type=int, default=IngestConfig().chunk_size, help="tileseg chunk edge T (pixels) (default: ingest.chunk_size's)")
     ap.add_argument("--scheduler", choices=("threads", "distributed"), default="threads")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="U-Net device")
     ap.add_argument("--results", default=str(harness.DEFAULT_RESULTS))

@@ -499,7 +499,8 @@ def warm_file(path: str | Path) -> None:
 
 # --------------------------------------------------------------------------- agreement
 def zarr_arrays_equal(a: str | Path, b: str | Path) -> dict[str, Any]:
-    """Compare two zarr arrays chunk by chunk (``a``'s chunk grid), never holding more than a chunk.
+    """Compare two zarr arrays chunk by chunk (``a``'s shards, else its chunks), never holding
+    more than one.
 
     Returns:
         {"equal": bool, "chunks": number compared, "differing_values": count, "shape": a's
@@ -513,10 +514,11 @@ def zarr_arrays_equal(a: str | Path, b: str | Path) -> dict[str, Any]:
     if za.shape != zb.shape or za.dtype != zb.dtype:
         return {"equal": False, "chunks": 0, "differing_values": None, "shape": list(za.shape),
                 "why": f"shape/dtype {za.shape} {za.dtype} vs {zb.shape} {zb.dtype}"}  # fmt: skip
-    starts = [range(0, n, c) for n, c in zip(za.shape, za.chunks)]
+    unit = za.shards or za.chunks
+    starts = [range(0, n, c) for n, c in zip(za.shape, unit)]
     diff = chunks = 0
     for origin in itertools.product(*starts):
-        sl = tuple(slice(o, o + c) for o, c in zip(origin, za.chunks))
+        sl = tuple(slice(o, o + c) for o, c in zip(origin, unit))
         diff += int(np.count_nonzero(za[sl] != zb[sl]))
         chunks += 1
     return {"equal": diff == 0, "chunks": chunks, "differing_values": diff, "shape": list(za.shape)}
