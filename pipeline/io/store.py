@@ -103,8 +103,7 @@ def write_image(ds: xr.Dataset, path: Path, chunk: int) -> Any:
     from zarr.codecs import ZstdCodec
 
     nb = ds[IMAGE].shape[0]
-    encoding = {IMAGE: {"shards": (nb, chunk, chunk), "chunks": (1, chunk, chunk),
-                        "compressors": [ZstdCodec(level=IMAGE_ZSTD_LEVEL)]}}  # fmt: skip
+    encoding = {IMAGE: {"chunks": (nb, chunk, chunk), "compressors": [ZstdCodec(level=IMAGE_ZSTD_LEVEL)]}}
     return _to_zarr(ds, path, "w", encoding, write_empty_chunks=True)
 
 
@@ -356,7 +355,7 @@ def iter_blocks(store: str | Path, name: str, windows: list[Any]) -> Iterator[tu
 
 
 def open_store(path: str | Path) -> xr.Dataset:
-    """Open a tileseg store lazily (Dask arrays chunked as stored: by shard where sharded).
+    """Open a tileseg store lazily (Dask arrays chunked as stored).
 
     Raises:
         RasterIOError: the path is not a zarr store.
@@ -366,14 +365,7 @@ def open_store(path: str | Path) -> xr.Dataset:
     if not (p / "zarr.json").is_file():
         raise RasterIOError(f"{p} is not a zarr v3 store (no zarr.json); run `tileseg ingest` first")
     try:
-        ds = xr.open_zarr(p, consolidated=True, chunks=None)
-        # Dask chunks = the stored units a task writes whole: shards where the array has them
-        # (``image``: one shard per chunk, one inner chunk per band), else zarr chunks.
-        # xarray's own default would chunk a sharded array by its inner chunks, one per band.
-        for name, var in ds.data_vars.items():
-            if var.ndim:
-                stored = var.encoding.get("shards") or var.encoding["chunks"]
-                ds[name] = var.chunk(dict(zip(var.dims, stored)))
+        ds = xr.open_zarr(p, consolidated=True)
     except Exception as exc:  # zarr raises many types for a damaged store
         raise RasterIOError(f"cannot open zarr store {p}: {exc}") from None
     if IMAGE not in ds and LABELS not in ds:
