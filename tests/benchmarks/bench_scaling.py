@@ -19,7 +19,7 @@ Dask workers included, over the child's whole life, imports included):
 Both use ``dask.scheduler: threads`` (2 threads) by default; ``--scheduler distributed``
 starts a LocalCluster (2 worker processes x 1 thread). The clock
 starts after the imports and after the cluster is up; by then the child and its workers have
-imported what the stages import lazily (:data:`WARM_MODULES`; for ``unet`` also
+imported what the stages import lazily (:data:`harness.WARM_MODULES`; for ``unet`` also
 ``pipeline.segment.unet``, so torch) and loaded the model into their model cache
 (:func:`pipeline.segment.unet.cached_model`, about 2.6 s on this machine), so a fixed start-up
 cost does not inflate the 1x time per pixel; ``startup_s`` reports it.
@@ -63,25 +63,6 @@ FACTORS = (1, 2, 4)
 RSS_GOAL = 1.25
 TIME_GOAL = 1.15
 MODEL = "models/eobox-unet.safetensors"
-#: Modules the stages import lazily on first use (a py-spy profile of the timed part showed
-#: about 0.6 s of them: zarr's codecs, rioxarray, matplotlib's colormaps, skimage.filters),
-#: imported before the clock so that they do not inflate the 1x time per pixel.
-WARM_MODULES = ["pipeline.stages", "zarr.codecs", "rioxarray", "matplotlib", "skimage.filters"]
-
-
-def _warm_up(modules: list[str], model: str | None = None, device: str | None = None) -> None:
-    """Import ``modules`` and load ``model`` into this process's model cache (a fixed start-up cost
-    that would otherwise land in the first task of every run, inflating the 1x time per pixel)."""
-    import importlib
-
-    for m in modules:
-        importlib.import_module(m)
-    if model is not None:
-        from pipeline.segment.unet import cached_model
-
-        cached_model(model, device)
-
-
 def run_pipeline(pipeline: str, src: Path, work: Path, chunk: int, scheduler: str, device: str,
                  profile: str | None) -> None:  # fmt: skip
     """Child: ingest -> segment -> stitch of ``src`` into ``work``; prints the side's report."""
@@ -90,7 +71,7 @@ def run_pipeline(pipeline: str, src: Path, work: Path, chunk: int, scheduler: st
     from pipeline.config import DaskConfig, IngestConfig, SegmentConfig, StitchConfig, ThresholdConfig, UNetConfig
     from pipeline.io import store as zstore
 
-    modules, model, dev = list(WARM_MODULES), None, None
+    modules, model, dev = list(harness.WARM_MODULES), None, None
     if pipeline == "unet":
         from pipeline.segment.unet import resolve_device  # torch: imported before the clock
 
@@ -106,9 +87,9 @@ def run_pipeline(pipeline: str, src: Path, work: Path, chunk: int, scheduler: st
     store, cog = work / "scene.zarr", work / "labels.tif"
     t0 = time.perf_counter()
     with dask_client(cfg) as client:
-        _warm_up(modules, model, dev)
+        harness.warm_up(modules, model, dev)
         if client is not None:
-            client.run(_warm_up, modules, model, dev)
+            client.run(harness.warm_up, modules, model, dev)
         with harness.py_spy(profile):
             t1 = time.perf_counter()
             stages.ingest([src], store, ing, progress=False, overwrite=True)
