@@ -28,7 +28,8 @@ Parallelism: with T-px chunks a run has ceil(edge / T)^2 chunk tasks per pass (`
 per scale). While that is below the number of Dask threads (2), a run uses fewer cores than
 the larger ones do: a U-Net 1x run of 512 px with T = 512 would be ONE chunk, its time per
 pixel that of one thread and its peak RSS that of one model call at a time. So the U-Net's 1x
-is 1024 px by default (4 chunks), and every scale keeps both threads busy.
+is 1024 px by default: 4 chunks of 512 px, or one of the default 1024 px, whose 6 window
+blocks (the U-Net's inference tasks) still keep both threads busy.
 
 Each scale's COG is checked after its run (:func:`check_output`): its shape, dtype and the
 count of each label value, so a run that wrote the wrong raster cannot pass as fast.
