@@ -246,10 +246,14 @@ def segment(
     if zstore.IMAGE not in ds:
         raise InputError(f"{store} has no image; run `tileseg ingest` first")
     where = f"segment ({cfg.method}) of {store}"
-    image = apply.read_store_image(str(store), ds[zstore.IMAGE].shape, ds[zstore.IMAGE].data.chunks,
-                                   ds[zstore.IMAGE].dtype, where)  # fmt: skip
-    band_names = list(ds[zstore.IMAGE].attrs["band_names"])
-    nodata = ds[zstore.IMAGE].attrs.get("nodata")
+    img = ds[zstore.IMAGE]
+
+    def read_image(bands: list[int] | None = None):  # the store's image, or only the bands a method uses
+        return apply.read_store_image(str(store), img.shape, img.data.chunks, img.dtype, where, bands)
+
+    image = read_image()
+    band_names = list(img.attrs["band_names"])
+    nodata = img.attrs.get("nodata")
     grid = zstore.store_grid(ds)
     attrs: dict = {"nodata": LABEL_NODATA, "method": cfg.method}
     class_names = [c.name for c in classes or []]
@@ -262,8 +266,7 @@ def segment(
     elif cfg.method == "threshold":
         tc = cfg.threshold
         expr = Expression.parse(tc.expression, band_names)
-        used = [band_names.index(n) for n in expr.names]  # only these bands are read and decoded
-        image = apply.read_store_image(str(store), image.shape, image.chunks, image.dtype, where, used)
+        image = read_image([band_names.index(n) for n in expr.names])  # the tasks hold only these bands
         index = apply.IndexKernel(expr, list(expr.names), nodata)  # one task per chunk and pass (see apply)
         if tc.value is None:
             # a bare 8/16-bit band: one bin per value, no range pass (classical.integer_bin_edges)
@@ -299,8 +302,7 @@ def segment(
         missing = [b for b in feats if b not in band_names]
         if missing:
             raise InputError(f"segment.kmeans.bands {missing} are not in the raster; bands are {band_names}")
-        image = apply.read_store_image(str(store), image.shape, image.chunks, image.dtype, where,
-                                       [band_names.index(b) for b in feats])  # only the features' bands  # fmt: skip
+        image = read_image([band_names.index(b) for b in feats])  # only the features' bands
         idx = list(range(len(feats)))
         valid = apply.valid_mask(image, idx, nodata)
         rows, cols = apply.sample_pixels(image, kc.sample_size, kc.seed)
