@@ -320,9 +320,14 @@ def read_region(store: str | Path, bands: list[int], r0: int, r1: int, c0: int, 
     try:
         arr = zarr_array(Path(store) / IMAGE)
         bands = list(bands)
-        if bands and bands == list(range(bands[0], bands[-1] + 1)):  # a slice: ~3x faster than oindex
-            return np.asarray(arr[bands[0] : bands[-1] + 1, r0:r1, c0:c1])
-        return np.asarray(arr.oindex[bands, r0:r1, c0:c1])
+        if not bands:
+            return np.empty((0, r1 - r0, c1 - c0), arr.dtype)
+        # A slice of the bands' span, then numpy picks the bands: a chunk holds every band and is
+        # decoded whole anyway, and zarr's orthogonal indexing (``oindex``) costs more Python per
+        # call (10 of 13 bands, the U-Net's: 24 against 33 ms per window block).
+        lo, hi = min(bands), max(bands)
+        span = np.asarray(arr[lo : hi + 1, r0:r1, c0:c1])
+        return span if bands == list(range(lo, hi + 1)) else span[[b - lo for b in bands]]
     except Exception as exc:  # zarr raises many types for missing or damaged chunks
         raise RasterIOError(f"cannot read image[{r0}:{r1}, {c0}:{c1}] from {store}: {exc}") from None
 
