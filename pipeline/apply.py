@@ -586,9 +586,10 @@ def _rows_done(*_: Any) -> None:
     return None
 
 
-def chunk_tasks(status: da.Array, todo: list[tuple[int, int]]) -> Any:
+def chunk_tasks(status: da.Array, todo: list[tuple[int, int]], strips: list[tuple[int, int]] | None = None) -> Any:
     """One Dask ``Delayed`` that writes the chunks (i, j) in ``todo``, from :func:`write_chunks`'
-    status array, in row-major order of priority.
+    status array, in row-major order of priority (strip after strip with ``strips``: runs
+    [j0, j1) of chunk columns from :func:`pipeline.grid.column_strips`).
 
     Computing it runs only those chunks' tasks (and what they depend on): a resumed run
     builds no task for a finished chunk. The graph is optimized with Dask's blockwise fusion
@@ -598,7 +599,8 @@ def chunk_tasks(status: da.Array, todo: list[tuple[int, int]]) -> Any:
     (``Array.to_delayed`` would collapse it into one layer, dropping them too).
 
     The Delayed is the end of a chain with one link per row of chunks (``tileseg-rows-*``:
-    row i's link waits for row i's writes and row i - 1's link). The links do no work; they
+    row i's link waits for row i's writes and row i - 1's link); with ``strips``, one link
+    per row of each vertical strip of chunk columns, the strips one after the other. The links do no work; they
     make ``dask.order`` (which both the threaded and the distributed scheduler follow) finish
     the chunks row by row. Without them, a task that feeds several chunks (a U-Net window
     block: :mod:`pipeline.inference`) was kept alive in a band twice as tall: on a 4096 px
@@ -616,12 +618,14 @@ def chunk_tasks(status: da.Array, todo: list[tuple[int, int]]) -> Any:
     first = (status.name, *lead, 0, 0)
     # blockwise fusion renames the output layer (the keys stay): find it
     layer = next(n for n in graph.layers if n.startswith(status.name) and first in graph.layers[n])
-    rows_name = f"tileseg-rows-{tokenize(status.name, todo)}"
+    rows_name = f"tileseg-rows-{tokenize(status.name, todo, strips)}"
     chain: dict = {}
     prev: list = []
-    for i in sorted({i for i, _ in todo}):
-        chain[(rows_name, i)] = (_rows_done, *prev, *[(status.name, *lead, i, j) for ii, j in todo if ii == i])
-        prev = [(rows_name, i)]
+    for k, (j0, j1) in enumerate(strips or [(0, status.numblocks[-1])]):
+        for i in sorted({i for i, j in todo if j0 <= j < j1}):
+            writes = [(status.name, *lead, i, j) for ii, j in todo if ii == i and j0 <= j < j1]
+            chain[(rows_name, k, i)] = (_rows_done, *prev, *writes)
+            prev = [(rows_name, k, i)]
     graph = HighLevelGraph({**graph.layers, rows_name: MaterializedLayer(chain)},
                            {**graph.dependencies, rows_name: {layer}})  # fmt: skip
     return Delayed(prev[0], graph, layer=rows_name) if prev else None

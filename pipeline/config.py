@@ -151,6 +151,13 @@ class UNetConfig(_Model):
         "far edge, S = int(W*(1-overlap))).",
     )
     batch_size: int = Field(default=8, ge=1, le=4096, description="Windows per model call.")
+    strip_px: int | None = Field(
+        default=16384,
+        ge=256,
+        description="Rasters wider than this are computed in vertical strips of at most this many pixels, "
+        "one after the other, so that memory does not grow with the width; the window blocks on strip borders "
+        "run once per strip (README 'Performance'). null: one strip, the whole width.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     probabilities: bool = Field(default=False, description="Also write `probabilities` (class, y, x) float16.")
 

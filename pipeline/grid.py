@@ -81,6 +81,28 @@ def chunk_sizes(size: int, chunk: int) -> tuple[int, ...]:
     return tuple(min(chunk, size - s) for s in chunk_starts(size, chunk))
 
 
+def column_strips(col_chunks: tuple[int, ...], strip_px: int | None) -> list[tuple[int, int]]:
+    """Consecutive runs [j0, j1) of chunk columns, each at most ``strip_px`` pixels wide (but at
+    least one chunk): the vertical strips in which chunks are computed, one strip after the
+    other and row by row inside each (see :func:`pipeline.apply.chunk_tasks`). None: one strip.
+
+    Args:
+        col_chunks: chunk widths along x (Dask's ``chunks[-1]``), pixels.
+        strip_px: the widest strip, pixels.
+    """
+    n = len(col_chunks)
+    if strip_px is None or n == 0:
+        return [(0, n)] if n else []
+    strips, j0, width = [], 0, 0
+    for j, c in enumerate(col_chunks):
+        if j > j0 and width + c > strip_px:
+            strips.append((j0, j))
+            j0, width = j, 0
+        width += c
+    strips.append((j0, n))
+    return strips
+
+
 def iter_windows(height: int, width: int, chunk: int) -> Iterator[Window]:
     """Row-major windows tiling a (height, width) grid with (chunk, chunk) windows."""
     for r in chunk_starts(height, chunk):

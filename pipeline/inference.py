@@ -34,6 +34,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from pipeline.apply import in_chunk
 from pipeline.blend import WindowGrid, add_blocks, block_shape, normalise_sums, window_blocks, window_sums, window_weights
+from pipeline.grid import column_strips
 
 GPU_RESOURCES = {"resources": {"GPU": 1}}
 
@@ -123,6 +124,7 @@ def unet_probabilities(
     n_classes: int,
     where: str = "segment (unet)",
     gpu: bool = False,
+    strip_px: int | None = None,
 ) -> da.Array:
     """Lazy float32 (class + 1, y, x): blended probabilities of the K classes, then the
     validity (1.0 where any of the model's bands has data, 0.0 where all are ``nodata``),
@@ -137,6 +139,14 @@ def unet_probabilities(
     Args:
         gpu: the inference tasks ask for a ``GPU`` resource (an annotation of their graph layer), so they run
             on GPU workers only, one at a time per worker; the sums go anywhere.
+        strip_px: the chunk columns form vertical strips at most this wide
+            (:func:`pipeline.grid.column_strips`; None: one strip). Each strip has its own
+            copies of the window blocks it needs (keys ``(name, p, q, strip)``), so a block on a
+            strip border runs once per strip and no block is kept waiting for a later strip:
+            computed strip after strip (:func:`pipeline.apply.chunk_tasks` with the same
+            ``strip_px``), the blocks alive are bounded by the strip's width, not the raster's.
+            Every copy of a block computes the same windows in the same batch, so the result
+            does not change.
     """
     h, w = image.shape[1:]
     rch, cch = image.chunks[1], image.chunks[2]
@@ -144,7 +154,8 @@ def unet_probabilities(
     by, bx = block_shape(batch_size)
     blocks_y = window_blocks(wgrid.origins(h), by, wgrid.window, h)
     blocks_x = window_blocks(wgrid.origins(w), bx, wgrid.window, w)
-    token = tokenize(store, image.name, band_idx, wgrid, kind, model_path, device, batch_size, nodata, n_classes)
+    token = tokenize(store, image.name, band_idx, wgrid, kind, model_path, device, batch_size, nodata, n_classes,
+                     strip_px)
     sums_name, out_name = f"tileseg-unet-{token}", f"tileseg-blend-{token}"
     block_sums = in_chunk(_block_sums, where)
     combine = in_chunk(_combine, where)
@@ -153,14 +164,18 @@ def unet_probabilities(
         loc = [(0, n_classes + 1), rows, cols]  # errors name the block or chunk and its pixel window
         return partial(fn, block_info={None: {"chunk-location": (0, *index), "array-location": loc}})
 
-    step1: dict = {}
-    for p, (oy, y0, y1) in enumerate(blocks_y):
-        for q, (ox, x0, x1) in enumerate(blocks_x):
-            step1[(sums_name, p, q)] = (located(block_sums, (y0, y1), (x0, x1), (p, q)), store, band_idx, (h, w), oy, ox,
-                                        (y0, y1), (x0, x1), wgrid, kind, model_path, device, batch_size, nodata,
-                                        n_classes)  # fmt: skip
     ys0, ys1 = np.array([b[1] for b in blocks_y]), np.array([b[2] for b in blocks_y])
     xs0, xs1 = np.array([b[1] for b in blocks_x]), np.array([b[2] for b in blocks_x])
+    step1: dict = {}
+    strip_of: dict[int, int] = {}
+    for k, (j0, j1) in enumerate(column_strips(cch, strip_px)):
+        strip_of.update({j: k for j in range(j0, j1)})
+        for q in np.flatnonzero((xs0 < cb[j1]) & (xs1 > cb[j0])):  # the blocks this strip's chunks need
+            ox, x0, x1 = blocks_x[q]
+            for p, (oy, y0, y1) in enumerate(blocks_y):
+                step1[(sums_name, p, int(q), k)] = (located(block_sums, (y0, y1), (x0, x1), (p, int(q))), store,
+                                                    band_idx, (h, w), oy, ox, (y0, y1), (x0, x1), wgrid, kind,
+                                                    model_path, device, batch_size, nodata, n_classes)  # fmt: skip
     step2: dict = {}
     for i in range(len(rch)):
         r0, r1 = int(rb[i]), int(rb[i + 1])
@@ -171,7 +186,7 @@ def unet_probabilities(
             src = [(int(p), int(q)) for p in ps for q in qs]
             step2[(out_name, 0, i, j)] = (located(combine, (r0, r1), (c0, c1), (i, j)), (r0, r1), (c0, c1),
                                           [(int(ys0[p]), int(xs0[q])) for p, q in src],
-                                          *[(sums_name, p, q) for p, q in src])  # fmt: skip
+                                          *[(sums_name, p, q, strip_of[j]) for p, q in src])  # fmt: skip
     layers = {sums_name: MaterializedLayer(step1, annotations=GPU_RESOURCES if gpu else None),
               out_name: MaterializedLayer(step2)}  # fmt: skip
     graph = HighLevelGraph(layers, {sums_name: set(), out_name: {sums_name}})

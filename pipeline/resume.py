@@ -46,7 +46,7 @@ from pipeline import apply
 from pipeline.cluster import compute
 from pipeline.config import IngestConfig, RunConfig, SegmentConfig, config_hash
 from pipeline.errors import OutputExistsError, RasterIOError
-from pipeline.grid import Grid
+from pipeline.grid import Grid, column_strips
 from pipeline.io import files
 from pipeline.io import store as zstore
 
@@ -181,7 +181,9 @@ def write_labels(store: Path, cfg: SegmentConfig, labels: Any, probabilities: An
         log.info("resuming segment of %s: %d of %d chunks were already written; computing the other %d",
                  store, len(done), nby * nbx, len(todo))  # fmt: skip
     writer = zstore.ChunkWriter(str(store), key)
-    task = apply.chunk_tasks(apply.write_chunks(labels, probabilities, writer, where), todo)
+    # the U-Net's chunks strip after strip, the strips its window blocks were keyed by (pipeline.inference)
+    strips = column_strips(labels.chunks[-1], cfg.unet.strip_px) if cfg.method == "unet" else None
+    task = apply.chunk_tasks(apply.write_chunks(labels, probabilities, writer, where), todo, strips)
     if task is not None:
         compute(task, label=f"segment ({cfg.method}): {len(todo)} chunks", progress=progress,
                 writes=f"labels in {store}")  # fmt: skip

@@ -255,3 +255,28 @@ def test_cog_compression_level_is_applied_and_checked(tmp_path):
     for bad in ({"compress": "lzw", "level": 3}, {"compress": "deflate", "level": 15}):
         with pytest.raises(ValueError, match="does not fit compress"):
             StitchConfig(**bad)
+
+
+def test_unet_in_strips_keeps_the_window_blocks_alive_bounded_by_the_strip_not_the_width():
+    """Row by row, the window blocks alive grow with the raster's width (a row of blocks);
+    computed in vertical strips (``strip_px``, each strip with its own copies of the border
+    blocks), they stay at what one strip needs, for any width, and every chunk is written once."""
+    from pipeline import inference
+    from pipeline.blend import WindowGrid
+    from pipeline.grid import column_strips
+
+    def live_blocks(width: int, strip_px: int | None) -> int:
+        image = da.zeros((10, 3072, width), np.uint16, chunks=(10, 512, 512))
+        probs = inference.unet_probabilities("never-read.zarr", image, list(range(10)),
+                                             WindowGrid.from_overlap(256, 0.25, 16, "edge"), "gaussian",
+                                             "m.safetensors", "cpu", 8, None, 8, strip_px=strip_px)  # fmt: skip
+        status = apply.write_chunks(apply.argmax_valid_labels(probs, 255), None, lambda *a: None)
+        todo = [(i, j) for i in range(status.numblocks[0]) for j in range(status.numblocks[1])]
+        dsk = dict(apply.chunk_tasks(status, todo, column_strips(image.chunks[-1], strip_px)).__dask_graph__())
+        assert sorted(k[1:] for k in dsk if isinstance(k, tuple) and k[0] == status.name) == todo
+        return _max_live(dsk, "tileseg-unet")
+
+    rows = [live_blocks(w, None) for w in (8192, 16384)]
+    strips = [live_blocks(w, 4096) for w in (8192, 16384)]
+    assert rows[1] > 1.8 * rows[0]  # a row of blocks: twice as wide, twice as many
+    assert max(strips) <= 20 < rows[0]  # one strip's worth (4096 px) at either width

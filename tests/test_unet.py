@@ -47,6 +47,11 @@ def test_unet_result_does_not_depend_on_chunking(odd_scene, tiny_model, tmp_path
                                        (chunk,) * (700 // chunk) + ((700 % chunk,) if 700 % chunk else ()))
         np.testing.assert_array_equal(ds["labels"].values, ref_l, err_msg=f"chunk {chunk}")
         np.testing.assert_array_equal(ds["probabilities"].values.astype(np.float32), ref_p)  # integer sums
+    # in vertical strips of 256 px (4 strips of 2 chunks, one after the other): the same result
+    (tmp_path / "strips").mkdir()
+    ds = _segment(tif, tmp_path / "strips", 96, tiny_model, strip_px=256)
+    np.testing.assert_array_equal(ds["labels"].values, ref_l, err_msg="strips")
+    np.testing.assert_array_equal(ds["probabilities"].values.astype(np.float32), ref_p)
 
 
 def test_unet_float32_probabilities_match_single_piece_in_memory(odd_scene, tiny_model, tmp_path):
@@ -140,7 +145,8 @@ def test_each_window_runs_once_and_any_chunking_gives_identical_sums(odd_scene, 
     (pipeline.inference): the model sees every window of the grid exactly once, in full
     batches except at the raster's edges, for any chunking, also with chunks narrower than a
     window, and the float32 probabilities are bit-identical to blend_region on the whole
-    in-memory raster."""
+    in-memory raster. In vertical strips (``strip_px``) the blocks on strip borders run once
+    per strip, with the same result."""
     import dask
 
     from pipeline import inference
@@ -167,16 +173,24 @@ def test_each_window_runs_once_and_any_chunking_gives_identical_sums(odd_scene, 
     whole = blend_region(lambda a, b, c, d: img[:, a:b, c:d], img.shape[1:], (0, 530), (0, 700), g,
                          window_weights(64, "gaussian"), predict, 3, 4).astype(np.float32)  # fmt: skip
     grid_windows = {(int(y), int(x)) for y in g.origins(530) for x in g.origins(700)}
-    for chunk in (40, 128, 1024):
-        store = stages.ingest([tif], tmp_path / f"w{chunk}.zarr", IngestConfig(chunk_size=chunk), progress=False)
-        image = zstore.open_store(store)["image"].data
+    stores = {}
+    for chunk, strip_px in ((40, None), (128, None), (1024, None), (40, 200), (128, 256)):
+        if chunk not in stores:
+            stores[chunk] = stages.ingest([tif], tmp_path / f"w{chunk}.zarr", IngestConfig(chunk_size=chunk),
+                                          progress=False)  # fmt: skip
+        image = zstore.open_store(stores[chunk])["image"].data
         seen.clear()
-        probs = inference.unet_probabilities(str(store), image, [0, 1, 2, 3], g, "gaussian", str(tiny_model), "cpu",
-                                             4, 0, 3)  # fmt: skip
+        probs = inference.unet_probabilities(str(stores[chunk]), image, [0, 1, 2, 3], g, "gaussian", str(tiny_model),
+                                             "cpu", 4, 0, 3, strip_px=strip_px)  # fmt: skip
         with dask.config.set(scheduler="sync"):
             out = probs.compute()
-        assert len(seen) == len(grid_windows) and set(seen) == grid_windows, f"chunk {chunk}"
-        np.testing.assert_array_equal(out[:-1], whole, err_msg=f"chunk {chunk}")
+        case = f"chunk {chunk}, strips of {strip_px} px"
+        assert set(seen) == grid_windows, case
+        if strip_px is None:
+            assert len(seen) == len(grid_windows), case  # every window once
+        else:
+            assert len(seen) > len(grid_windows), case  # the blocks on strip borders run once per strip
+        np.testing.assert_array_equal(out[:-1], whole, err_msg=case)
         np.testing.assert_array_equal(out[-1], (img != 0).any(axis=0))  # the validity channel
 
 

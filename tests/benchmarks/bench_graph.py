@@ -193,7 +193,7 @@ def unet_graphs(size: int, chunk: int, store: str, model: str = MODEL) -> dict[s
     """
     from pipeline import apply, inference
     from pipeline.blend import WindowGrid
-    from pipeline.config import LABEL_NODATA
+    from pipeline.config import LABEL_NODATA, UNetConfig
     from pipeline.segment.unet import check_bands, load_spec
 
     spec = load_spec(model)
@@ -202,7 +202,8 @@ def unet_graphs(size: int, chunk: int, store: str, model: str = MODEL) -> dict[s
     image = _store_image((len(names), size, size), chunk, "uint16", store)
     band_idx = check_bands(spec, names)
     wgrid = WindowGrid.from_overlap(256, 0.25, spec.divisor)
-    out = inference.unet_probabilities(store, image, band_idx, wgrid, "hann", model, "cpu", 8, 0, len(spec.classes))
+    out = inference.unet_probabilities(store, image, band_idx, wgrid, "hann", model, "cpu", 8, 0, len(spec.classes),
+                                       strip_px=UNetConfig().strip_px)  # the default strips, as segment builds it
     t1 = time.perf_counter()
     labels = apply.argmax_valid_labels(out, LABEL_NODATA)
     t2 = time.perf_counter()
