@@ -143,8 +143,9 @@ def unet_probabilities(
             (:func:`pipeline.grid.column_strips`; None: one strip). Each strip has its own
             copies of the window blocks it needs (keys ``(name, p, q, strip)``), so a block on a
             strip border runs once per strip and no block is kept waiting for a later strip:
-            computed strip after strip (:func:`pipeline.apply.chunk_tasks` with the same
-            ``strip_px``), the blocks alive are bounded by the strip's width, not the raster's.
+            computed strip after strip (:func:`pipeline.apply.chunk_tasks` with the strips of
+            the same ``strip_px``), the blocks alive are bounded by the strip's width, not the
+            raster's.
             Every copy of a block computes the same windows in the same batch, so the result
             does not change.
     """
