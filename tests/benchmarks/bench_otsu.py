@@ -159,13 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     mpx = h * w / 1e6
     work = Path(tempfile.mkdtemp(prefix="tileseg-bench-otsu-"))
     try:
-        results = {}
-        for side in sides:
-            d = work / side
-            d.mkdir()
-            results[side] = harness.run_case_side(__file__, "otsu", side, ["--input", str(src), "--work", str(d),
-                                                  "--band", args.band, "--chunk", str(args.chunk),
-                                                  "--whole-read", args.whole_read], args.profile)  # fmt: skip
+        results = harness.run_case_sides(__file__, "otsu", sides, work, ["--input", str(src), "--band", args.band,
+                                         "--chunk", str(args.chunk), "--whole-read", args.whole_read],
+                                         args.profile)  # fmt: skip
         base = "whole_image"
         row = {"case": "otsu", "shape": [h, w], "band": args.band, "dtype": "uint8", "chunk": args.chunk,
                "whole_read": args.whole_read, "input": {"file": src.name, "bytes": src.stat().st_size},

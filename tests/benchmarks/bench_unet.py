@@ -200,14 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     mpx = h * w / 1e6
     work = Path(tempfile.mkdtemp(prefix="tileseg-bench-unet-"))
     try:
-        results = {}
-        for side in sides:
-            d = work / side
-            d.mkdir()
-            results[side] = harness.run_case_side(__file__, "unet", side, ["--store", str(store), "--work", str(d),
-                                                  "--model", args.model, "--device", args.device,
-                                                  "--window", str(args.window), "--overlap", str(args.overlap),
-                                                  "--batch", str(args.batch)], args.profile)  # fmt: skip
+        results = harness.run_case_sides(__file__, "unet", sides, work, ["--store", str(store), "--model", args.model,
+                                         "--device", args.device, "--window", str(args.window), "--overlap",
+                                         str(args.overlap), "--batch", str(args.batch)], args.profile)  # fmt: skip
         row = {"case": "unet", "device": args.device, "shape": [h, w], "window": args.window,
                "overlap": args.overlap, "batch": args.batch, "model": Path(args.model).name,
                "sides": {s: r.summary(mpx) for s, r in results.items()}}  # fmt: skip

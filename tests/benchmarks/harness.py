@@ -205,6 +205,17 @@ def run_case_side(script: str, case: str, side: str, args: list[str], profile: s
     return result
 
 
+def run_case_sides(script: str, case: str, sides: list[str], work: Path, args: list[str],
+                   profile: str | None) -> dict[str, SideResult]:  # fmt: skip
+    """Run each side of a case (:func:`run_case_side`) with ``args`` plus ``--work
+    <work>/<side>``, a folder of its own for its outputs."""
+    results = {}
+    for side in sides:
+        (work / side).mkdir()
+        results[side] = run_case_side(script, case, side, [*args, "--work", str(work / side)], profile)
+    return results
+
+
 def report_side(**fields: Any) -> None:
     """Print a side's report as the JSON line :func:`run_side` reads (called in the child)."""
     print(json.dumps(fields), flush=True)
