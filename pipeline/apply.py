@@ -586,7 +586,14 @@ def _rows_done(*_: Any) -> None:
     return None
 
 
-def chunk_tasks(status: da.Array, todo: list[tuple[int, int]], strips: list[tuple[int, int]] | None = None) -> Any:
+def _collected(collect: Callable[[list, list], Any], _chain_end: None, values: list, more: list) -> Any:
+    """The task after the chain (:func:`chunk_tasks` with ``collect``)."""
+    return collect(values, more)
+
+
+def chunk_tasks(status: da.Array, todo: list[tuple[int, int]], strips: list[tuple[int, int]] | None = None,
+                extra: dict[tuple[int, int], list] | None = None,
+                collect: Callable[[list, list], Any] | None = None) -> Any:  # fmt: skip
     """One Dask ``Delayed`` that writes the chunks (i, j) in ``todo``, from :func:`write_chunks`'
     status array, in row-major order of priority (strip after strip with ``strips``: runs
     [j0, j1) of chunk columns from :func:`pipeline.grid.column_strips`).
@@ -607,25 +614,48 @@ def chunk_tasks(status: da.Array, todo: list[tuple[int, int]], strips: list[tupl
     wide raster 30 window blocks at the peak against 14 to 18 with the chain (README
     "Performance", case 4). Dask's order of independent outputs is not their order in the
     ``compute`` call, so the chain is what states it.
+
+    Args:
+        extra: chunk (i, j) -> more keys of ``status``' graph that the link of that chunk's
+            row also waits for (say a task that needs this chunk and earlier ones).
+        collect: a function of (the values of ``status``' blocks in ``todo`` order, the values
+            of ``extra``'s keys in link order): when given, the Delayed is one more task after
+            the chain that returns what ``collect`` returns. Computing other outputs of the
+            same graph beside the chain would let ``dask.order`` run them in its own order
+            again (it orders by all of a graph's outputs), so small per-chunk results
+            that a caller needs are gathered this way, through the chain's end.
+
+    Returns:
+        A ``Delayed`` (None when ``todo`` is empty).
     """
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     keys = status.__dask_keys__()
+    more = [k for ks in (extra or {}).values() for k in ks]
     with dask.config.set({"optimization.fuse.active": False}):
-        graph = status.__dask_optimize__(status.__dask_graph__(), keys)
+        graph = status.__dask_optimize__(status.__dask_graph__(), [keys, more] if more else keys)
     lead = (0,) if status.ndim == 3 else ()
     first = (status.name, *lead, 0, 0)
     # blockwise fusion renames the output layer (the keys stay): find it
     layer = next(n for n in graph.layers if n.startswith(status.name) and first in graph.layers[n])
-    rows_name = f"tileseg-rows-{tokenize(status.name, todo, strips)}"
+    needs = {layer} | {n for n, lay in graph.layers.items() if any(k in lay for k in more)}
+    rows_name = f"tileseg-rows-{tokenize(status.name, todo, strips, extra, collect)}"
     chain: dict = {}
     prev: list = []
+    gathered: list = []
     for k, (j0, j1) in enumerate(strips or [(0, status.numblocks[-1])]):
         for i in sorted({i for i, j in todo if j0 <= j < j1}):
-            writes = [(status.name, *lead, i, j) for ii, j in todo if ii == i and j0 <= j < j1]
-            chain[(rows_name, k, i)] = (_rows_done, *prev, *writes)
+            row = [j for ii, j in todo if ii == i and j0 <= j < j1]
+            writes = [(status.name, *lead, i, j) for j in row]
+            also = [key for j in row for key in (extra or {}).get((i, j), [])]
+            gathered += also
+            chain[(rows_name, k, i)] = (_rows_done, *prev, *writes, *also)
             prev = [(rows_name, k, i)]
+    if collect is not None and prev:
+        chain[(rows_name, "collect")] = (_collected, collect, prev[0], [(status.name, *lead, i, j) for i, j in todo],
+                                         gathered)  # fmt: skip
+        prev = [(rows_name, "collect")]
     graph = HighLevelGraph({**graph.layers, rows_name: MaterializedLayer(chain)},
-                           {**graph.dependencies, rows_name: {layer}})  # fmt: skip
+                           {**graph.dependencies, rows_name: needs})  # fmt: skip
     return Delayed(prev[0], graph, layer=rows_name) if prev else None

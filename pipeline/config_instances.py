@@ -53,6 +53,13 @@ class LearnedInstanceConfig(_Model):
     overlap: float = Field(default=0.25, ge=0.0, le=0.875, description="U-Net window overlap (fraction of the window).")
     blend: Literal["hann", "gaussian"] = "hann"
     batch_size: int = Field(default=8, ge=1)
+    strip_px: int | None = Field(
+        default=16384,
+        ge=256,
+        description="U-Net: rasters wider than this are segmented in vertical strips of at most this many pixels, "
+        "one after the other, so that memory does not grow with the width (as segment.unet.strip_px). "
+        "null: one strip, the whole width.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     foreground: float = Field(default=0.5, ge=0, lt=1, description="U-Net: P(interior) + P(boundary) above this.")
     seed: float = Field(default=0.5, ge=0, lt=1, description="U-Net: watershed markers where P(interior) > this.")

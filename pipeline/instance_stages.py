@@ -24,8 +24,8 @@ from pipeline import __version__, apply
 from pipeline.cluster import compute
 from pipeline.config import InstanceConfig, InstanceEvaluateConfig
 from pipeline.errors import ConfigError, InputError
-from pipeline.grid import Grid
-from pipeline.instances import merge_plan, relabel, segment_chunks, with_global_otsu
+from pipeline.grid import Grid, column_strips
+from pipeline.instances import merge_plan, ordered_counts_pairs, relabel, segment_chunks, with_global_otsu
 from pipeline.io import files
 from pipeline.io import store as zstore
 from pipeline.object_metrics import InstanceMetrics, dask_counts, instance_counts, instance_metrics
@@ -106,16 +106,19 @@ def segment_instances(store: Path, cfg: InstanceConfig, progress: bool = True) -
         kernel, data, need = learned_kernel(store, image, band_names, ds[zstore.IMAGE].attrs.get("nodata"), cfg,
                                             _pixel_size(ds))  # fmt: skip
     halo = need if cfg.halo is None else cfg.halo
-    chunked = segment_chunks(data, valid, kernel, halo, cfg.merge_iou)
     scratch = store.with_name(f".{store.name}.instances-local.tmp")
     shutil.rmtree(scratch, ignore_errors=True)
+    chunks = image.chunks[1:]
     try:
-        counts, pairs, _ = compute(
-            chunked.counts, chunked.pairs, da.to_zarr(chunked.local, str(scratch), compute=False, overwrite=True),
-            label=f"instances: segment chunks (halo {halo} px)", progress=progress, writes=scratch,
-        )  # fmt: skip
-        plan = merge_plan(np.asarray(counts), np.asarray(pairs), chunked.local.chunks)
-        local = da.from_zarr(str(scratch)).rechunk(chunked.local.chunks)
+        # each chunk task writes its local ranks to the scratch array itself, and the writes
+        # finish row by row (strip by strip for the U-Net): memory does not grow with the raster
+        zstore.create_scratch(scratch, grid.shape, (chunks[0][0], chunks[1][0]), np.int64)
+        chunked = segment_chunks(data, valid, kernel, halo, cfg.merge_iou, writer=zstore.WindowWriter(str(scratch)))
+        strips = column_strips(chunks[1], cfg.learned.strip_px) if cfg.method == "unet_watershed" else None
+        ((counts, pairs),) = compute(ordered_counts_pairs(chunked, strips), progress=progress, writes=scratch,
+                                     label=f"instances: segment chunks (halo {halo} px)")  # fmt: skip
+        plan = merge_plan(counts, pairs, chunks)
+        local = zstore.open_array(scratch).rechunk(chunks)
         attrs: dict[str, Any] = {
             "n_objects": int(plan.n_objects), "method": cfg.method, "halo_px": int(halo),
             "merge_iou": cfg.merge_iou, "background": 0,

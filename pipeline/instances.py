@@ -33,9 +33,10 @@ documented non-local effects), so the result does not depend on the chunking, up
 permutation of ids (:func:`chunking_agreement` measures it).
 
 Cost: :func:`instance_labels` runs the kernel twice per chunk (once for counts and
-pairs, once more when the returned array is computed). A stage can run it once: compute
-``ChunkedInstances.local`` into a store together with ``counts`` and ``pairs`` in one
-``dask.compute``, then :func:`relabel` the stored array.
+pairs, once more when the returned array is computed). A stage runs it once: each chunk's
+task writes its local ranks to a store (:func:`segment_chunks`' ``writer``) while
+:func:`ordered_counts_pairs` gathers the counts and pairs, chunk rows in order, then
+:func:`relabel` reads the stored array.
 
 Axis order: images (band, y, x), labels and masks (y, x). Sizes in pixels.
 """
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dask
@@ -166,7 +168,7 @@ def _graph(inputs: list, layers: dict[str, tuple[dict, tuple[str, ...]]]) -> Hig
 # ---------------------------------------------------------------------------------------
 # step 1: per-chunk segmentation
 # ---------------------------------------------------------------------------------------
-def _segment_block(img_blocks, ok_blocks, g: _Geom, kernel: InstanceKernel):
+def _segment_block(img_blocks, ok_blocks, g: _Geom, kernel: InstanceKernel, writer=None, index=None):
     img = _assemble(img_blocks, g).astype(np.float32, copy=False)
     ok = _assemble(ok_blocks, g).astype(bool, copy=False)
     labels = np.asarray(kernel(img, ok))
@@ -187,6 +189,10 @@ def _segment_block(img_blocks, ok_blocks, g: _Geom, kernel: InstanceKernel):
         hit = (ids[pos] == labels) & (labels > 0)
         local[hit] = pos[hit] + 1
     strips = {d: local[y0:y1, x0:x1].copy() for d, (y0, y1, x0, x1) in g.windows.items()}
+    if writer is not None:  # the core goes to the store now; the task's result keeps only what the merge needs
+        y0, x0 = g.crop[0], g.crop[2]
+        writer(index, ((y0 + cy0, y0 + cy1), (x0 + cx0, x0 + cx1)), local[cy0:cy1, cx0:cx1])
+        return None, len(ids), strips
     return local[cy0:cy1, cx0:cx1].copy(), len(ids), strips
 
 
@@ -228,14 +234,14 @@ class ChunkedInstances:
 
     Attributes:
         local: int64 (y, x), chunked like the image: each chunk's local ranks 1..n_k, 0 =
-            background. Compute it into a store to avoid running the kernel twice.
+            background. None when the chunk tasks write it themselves (``writer``).
         counts: int64 (n_chunks_y, n_chunks_x): objects per chunk (n_k).
         pairs: Delayed int64 (k, 4): rows (block_a, rank_a, block_b, rank_b), block
             indices flattened row-major, of the cross-border pairs to merge.
         halo: the halo used (pixels).
     """
 
-    local: da.Array
+    local: da.Array | None
     counts: da.Array
     pairs: Delayed
     halo: int
@@ -253,9 +259,19 @@ def _check_halo(kernel: InstanceKernel, halo: int) -> None:
 
 
 def segment_chunks(
-    image: da.Array, valid: da.Array, kernel: InstanceKernel, halo: int, iou_threshold: float = 0.5
+    image: da.Array, valid: da.Array, kernel: InstanceKernel, halo: int, iou_threshold: float = 0.5,
+    writer: Callable[[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], np.ndarray], None] | None = None,
 ) -> ChunkedInstances:
     """Steps 1-3 of the module docstring, lazily.
+
+    Without ``writer`` the local ranks are a Dask array (``ChunkedInstances.local``) whose
+    chunk tasks share the kernel's run with the counts and pairs (compute them together).
+    With ``writer``, each chunk task writes its local ranks itself,
+    ``writer((i, j), ((r0, r1), (c0, c1)), ranks)`` (pixel window of the chunk, ranks int64
+    (y, x)), and keeps only its count and the shared windows: a chunk's ranks are then never
+    held past its own task, whatever order the scheduler runs the counts and pairs in
+    (:func:`ordered_counts_pairs` orders them). A stage stores them this way and
+    :func:`relabel` reads them back.
 
     Args:
         image: (band, y, x) any real dtype (blocks reach the kernel as float32); its (y, x)
@@ -274,16 +290,19 @@ def segment_chunks(
     if not 0.5 <= iou_threshold < 1:
         raise ConfigError(f"iou_threshold must be in [0.5, 1) so that pairs are unique, got {iou_threshold}")
     image, valid = _prepare(image, valid)
-    token = tokenize(image.name, valid.name, kernel, halo, iou_threshold)
+    token = tokenize(image.name, valid.name, kernel, halo, iou_threshold, writer)
     seg = f"instances-seg-{token}"
-    dsk, geoms = _crop_layer(seg, _segment_block, image, valid, int(halo), kernel)
+    dsk, geoms = _crop_layer(seg, _segment_block, image, valid, int(halo), kernel, *([writer] if writer else []))
+    if writer is not None:  # each task also gets its chunk index
+        dsk = {k: (*task, k[1:]) for k, task in dsk.items()}
     ny, nx = len(image.chunks[1]), len(image.chunks[2])
 
     local_name, count_name = f"instances-local-{token}", f"instances-count-{token}"
     strip_name, pairs_name = f"instances-strips-{token}", f"instances-pairs-{token}"
     local_dsk, count_dsk, strip_dsk, pair_dsk = {}, {}, {}, {}
     for i, j in geoms:
-        local_dsk[(local_name, i, j)] = (operator.getitem, (seg, i, j), 0)
+        if writer is None:
+            local_dsk[(local_name, i, j)] = (operator.getitem, (seg, i, j), 0)
         count_dsk[(count_name, i, j)] = (_count, (seg, i, j))
         strip_dsk[(strip_name, i, j)] = (operator.getitem, (seg, i, j), 2)
         for dy, dx in _FORWARD:
@@ -296,13 +315,68 @@ def segment_chunks(
     pair_dsk[pairs_name] = (_concat_pairs, list(pair_dsk))
     graph = _graph(
         [image, valid],
-        {seg: (dsk, ("in",)), local_name: (local_dsk, (seg,)), count_name: (count_dsk, (seg,)),
-         strip_name: (strip_dsk, (seg,)), pairs_name: (pair_dsk, (strip_name,))},
+        {seg: (dsk, ("in",)), count_name: (count_dsk, (seg,)), strip_name: (strip_dsk, (seg,)),
+         pairs_name: (pair_dsk, (strip_name,)), **({local_name: (local_dsk, (seg,))} if local_dsk else {})},
     )  # fmt: skip
+    per_chunk = ((1,) * ny, (1,) * nx)
+    counts = da.Array(graph, count_name, chunks=per_chunk, dtype=np.int64, meta=np.empty((0, 0), np.int64))
+    pairs = Delayed(pairs_name, graph, layer=pairs_name)
+    if writer is not None:
+        return ChunkedInstances(None, counts, pairs, int(halo))
     local = da.Array(graph, local_name, chunks=image.chunks[1:], dtype=np.int64, meta=np.empty((0, 0), np.int64))
-    counts = da.Array(graph, count_name, chunks=((1,) * ny, (1,) * nx), dtype=np.int64,
-                      meta=np.empty((0, 0), np.int64))  # fmt: skip
-    return ChunkedInstances(local, counts, Delayed(pairs_name, graph, layer=pairs_name), int(halo))
+    return ChunkedInstances(local, counts, pairs, int(halo))
+
+
+class _Gather:
+    """``collect`` of :func:`ordered_counts_pairs`: per-chunk counts (in ``todo`` order) and
+    pair blocks -> (counts (ny, nx), pairs (k, 4)). A class, so that it pickles to workers."""
+
+    def __init__(self, todo: list[tuple[int, int]], shape: tuple[int, int]):
+        self.todo, self.shape = todo, shape
+
+    def __call__(self, counts: list, pairs: list) -> tuple[np.ndarray, np.ndarray]:
+        out = np.zeros(self.shape, dtype=np.int64)
+        for (i, j), c in zip(self.todo, counts):
+            out[i, j] = int(np.asarray(c).ravel()[0])
+        return out, _concat_pairs(pairs)
+
+    def __dask_tokenize__(self):
+        return (type(self).__name__, self.todo, self.shape)
+
+
+def ordered_counts_pairs(chunked: ChunkedInstances, strips: list[tuple[int, int]] | None = None) -> Delayed:
+    """One ``Delayed`` of (counts int64 (n_chunks_y, n_chunks_x), pairs int64 (k, 4)), the
+    same values as ``chunked.counts`` and ``chunked.pairs``, whose computing finishes the
+    chunks row by row (strip after strip with ``strips``, runs [j0, j1) of chunk columns
+    from :func:`pipeline.grid.column_strips`), through :func:`pipeline.apply.chunk_tasks`.
+
+    Each pair task waits in the link of the later of its two chunks, so a chunk's shared
+    windows are freed once its neighbours are done. Computed as two outputs of their own
+    beside the writes, Dask's order kept every chunk's shared windows, and on a U-Net raster
+    every window block, to the end (a test measures the blocks alive).
+
+    Use it with :func:`segment_chunks`' ``writer``: the chunk tasks then write their local
+    ranks as they run. (Computing ``chunked.local`` as well would be another output in
+    Dask's own order, or the kernel run twice.)
+    """
+    from pipeline import apply
+
+    ny, nx = chunked.counts.numblocks
+    link = {}
+    for k, (j0, j1) in enumerate(strips or [(0, nx)]):
+        for j in range(j0, j1):
+            for i in range(ny):
+                link[(i, j)] = (k, i)
+    pairs_name = chunked.pairs.key
+    extra: dict[tuple[int, int], list] = {}
+    for i in range(ny):
+        for j in range(nx):
+            for dy, dx in _FORWARD:
+                if (i + dy, j + dx) in link:
+                    later = max((i, j), (i + dy, j + dx), key=link.__getitem__)
+                    extra.setdefault(later, []).append((pairs_name, i, j, dy, dx))
+    todo = [(i, j) for i in range(ny) for j in range(nx)]
+    return apply.chunk_tasks(chunked.counts, todo, strips, extra=extra, collect=_Gather(todo, (ny, nx)))
 
 
 # ---------------------------------------------------------------------------------------

@@ -280,3 +280,36 @@ def test_unet_in_strips_keeps_the_window_blocks_alive_bounded_by_the_strip_not_t
     strips = [live_blocks(w, 4096) for w in (8192, 16384)]
     assert rows[1] > 1.8 * rows[0]  # a row of blocks: twice as wide, twice as many
     assert max(strips) <= 20 < rows[0]  # one strip's worth (4096 px) at either width
+
+
+def test_instance_unet_chunks_finish_row_by_row_and_strip_by_strip():
+    """The instance U-Net (watershed on the blended probabilities): computed as the stage
+    does (chunk tasks write their ranks; counts and pairs gathered through the row chain,
+    ``instances.ordered_counts_pairs``), the window blocks and chunk tasks alive stay the same
+    for a taller raster (rows) and for a wider one (strips). Computing the counts and pairs
+    as outputs of their own let Dask's order keep every chunk's task alive (48 of 48 at
+    3072 x 4096 px, and 48 window blocks against 12 to 14)."""
+    from pipeline import inference
+    from pipeline.blend import WindowGrid
+    from pipeline.grid import column_strips
+    from pipeline.instances import ordered_counts_pairs, segment_chunks
+    from pipeline.segment.instance_unet import watershed_kernel
+
+    def live(height: int, width: int, strip_px: int | None) -> tuple[int, int]:
+        image = da.zeros((3, height, width), np.uint16, chunks=(3, 512, 512))  # only its shape and chunks are used
+        probs = inference.unet_probabilities("never-read.zarr", image, [0, 1, 2],
+                                             WindowGrid.from_overlap(256, 0.25, 16, "edge"), "hann", "m.safetensors",
+                                             "cpu", 8, None, 3, strip_px=strip_px)[:-1]  # fmt: skip
+        valid = da.ones((height, width), bool, chunks=(512, 512))
+        chunked = segment_chunks(probs, valid, watershed_kernel(required_halo=30), 30,
+                                 writer=zstore.WindowWriter("never-written.zarr"))  # fmt: skip
+        dsk = dict(ordered_counts_pairs(chunked, column_strips(image.chunks[-1], strip_px)).__dask_graph__())
+        segs = sorted(k[1:] for k in dsk if isinstance(k, tuple) and str(k[0]).startswith("instances-seg"))
+        assert segs == [(i, j) for i in range(height // 512) for j in range(width // 512)]  # each chunk once
+        return _max_live(dsk, "tileseg-unet"), _max_live(dsk, "instances-seg")
+
+    # dask.order breaks ties by key names (tokens differ between processes): 12 to 14 blocks, 6 to 8 chunks
+    rows = [live(h, 4096, None) for h in (3072, 6144)]
+    assert all(blocks <= 16 and chunks <= 10 for blocks, chunks in rows)  # rows: the height does not matter
+    strips = [live(3072, w, 4096) for w in (8192, 16384)]
+    assert all(blocks <= 24 and chunks <= 10 for blocks, chunks in strips)  # strips: nor does the width

@@ -414,6 +414,38 @@ def write_array(arr: da.Array, path: Path) -> Any:
     return da.to_zarr(arr, str(path), compute=False, overwrite=True)
 
 
+def create_scratch(path: Path, shape: tuple[int, int], chunks: tuple[int, int], dtype: Any) -> None:
+    """Create an empty plain zarr v3 array (y, x) at ``path`` (replacing any), filled with 0,
+    for :class:`WindowWriter` tasks to write chunk by chunk; read it back with :func:`open_array`.
+
+    Raises:
+        RasterIOError: the array cannot be created.
+    """
+    import zarr
+
+    try:
+        zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True)
+    except OSError as exc:
+        raise RasterIOError(f"cannot create {path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class WindowWriter:
+    """Writes a (y, x) block to its pixel window ``((r0, r1), (c0, c1))`` of the zarr array at
+    ``path`` (made by :func:`create_scratch`), inside a Dask task; pickles to workers. The
+    windows must be whole storage chunks, so that no two tasks write one chunk."""
+
+    path: str
+
+    def __call__(self, index: tuple[int, int], window: tuple[tuple[int, int], tuple[int, int]],
+                 block: np.ndarray) -> None:  # fmt: skip
+        (r0, r1), (c0, c1) = window
+        try:
+            zarr_array(self.path, "r+")[r0:r1, c0:c1] = block
+        except OSError as exc:
+            raise RasterIOError(f"cannot write chunk {index} to {self.path}: {exc}") from None
+
+
 def open_array(path: Path) -> da.Array:
     """A zarr array written by :func:`write_array`, lazily, chunked as stored."""
     return da.from_zarr(str(path))
