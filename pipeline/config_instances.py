@@ -61,6 +61,7 @@ class LearnedInstanceConfig(_Model):
         "null: one strip, the whole width.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(default=False, description="U-Net: torch.compile the model (as segment.unet.compile).")
     foreground: float = Field(default=0.5, ge=0, lt=1, description="U-Net: P(interior) + P(boundary) above this.")
     seed: float = Field(default=0.5, ge=0, lt=1, description="U-Net: watershed markers where P(interior) > this.")
     min_seed_px: int = Field(default=4, ge=1, description="U-Net: smaller markers are dropped.")

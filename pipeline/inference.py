@@ -24,6 +24,8 @@ Axis order: images (band, y, x); probabilities (class, y, x).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from functools import partial
 
 import dask
@@ -43,13 +45,22 @@ def _bounds(chunks: tuple[int, ...]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
 
 
-def _share_cpus_with_other_tasks() -> None:
-    """On Dask's threaded scheduler, give each concurrent task ``cpus / threads`` torch threads.
+#: Serialises the model calls of a process's tasks when each call uses every core (a compiled
+#: model on the CPU, see :func:`_block_sums`).
+_MODEL_LOCK = threading.Lock()
+
+
+def _share_cpus_with_other_tasks(one_call_at_a_time: bool = False) -> None:
+    """On Dask's threaded scheduler, give each concurrent task ``cpus / threads`` torch threads,
+    or every CPU with ``one_call_at_a_time`` (the caller then holds :data:`_MODEL_LOCK` around
+    each model call).
 
     Several tasks each running torch on every core oversubscribe the CPUs; on 2 cores two
     tasks with one torch thread each ran the sample model 12 to 16 % faster than one task with two
-    (README "Performance"). Called in every task: torch's intra-op thread count is kept per
-    OS thread (OpenMP), so setting it once in one Dask thread leaves the others at all cores.
+    (README "Performance"). A compiled model is the other way round: two threads with one torch
+    thread each ran 3.47 batches/s, one call at a time with two torch threads 5.02 (eager: 3.51
+    and 3.71). Called in every task: torch's intra-op thread count is kept per OS thread
+    (OpenMP), so setting it once in one Dask thread leaves the others at all cores.
     Distributed workers need nothing: their nanny already limits OpenMP to one thread.
     """
     if dask.config.get("scheduler", None) not in (None, "threads", "threading"):
@@ -65,7 +76,7 @@ def _share_cpus_with_other_tasks() -> None:
 
     from pipeline.io.files import usable_cpus
 
-    tasks = dask.config.get("num_workers", None) or usable_cpus()
+    tasks = 1 if one_call_at_a_time else dask.config.get("num_workers", None) or usable_cpus()
     want = max(1, usable_cpus() // tasks)
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
@@ -73,19 +84,25 @@ def _share_cpus_with_other_tasks() -> None:
 
 def _block_sums(store: str, band_idx: list[int], shape: tuple[int, int], oy: np.ndarray, ox: np.ndarray,
                 rows: tuple[int, int], cols: tuple[int, int], wgrid: WindowGrid, kind: str, model_path: str,
-                device: str, batch_size: int, nodata: float | None, n_classes: int) -> np.ndarray:  # fmt: skip
+                device: str, batch_size: int, nodata: float | None, n_classes: int,
+                compile: bool = False) -> np.ndarray:  # fmt: skip
     """One window block's task: float32 (K + 2, rows, cols), the block's weighted sums
     (:func:`pipeline.blend.window_sums`) and its pixels' validity, from one store read."""
     from pipeline.io.store import read_region
     from pipeline.segment.unet import cached_model, normalise, predict_probabilities
 
+    # a compiled model on the CPU: one model call at a time on every core, while the other
+    # tasks read, normalise and add sums (README "Performance", case 3 with compile)
+    serial = compile and device == "cpu"
     if device == "cpu":
-        _share_cpus_with_other_tasks()
-    net, spec = cached_model(model_path, device)
+        _share_cpus_with_other_tasks(one_call_at_a_time=serial)
+    net, spec = cached_model(model_path, device, compile)
 
     def predict(batch: np.ndarray) -> np.ndarray:
         valid = None if nodata is None else ~(batch == nodata).all(axis=1)
-        return predict_probabilities(net, normalise(batch, spec, valid), device, as_tensor=True)
+        x = normalise(batch, spec, valid)
+        with _MODEL_LOCK if serial else contextlib.nullcontext():
+            return predict_probabilities(net, x, device, as_tensor=True)
 
     read: dict = {}
 
@@ -125,6 +142,7 @@ def unet_probabilities(
     where: str = "segment (unet)",
     gpu: bool = False,
     strip_px: int | None = None,
+    compile: bool = False,
 ) -> da.Array:
     """Lazy float32 (class + 1, y, x): blended probabilities of the K classes, then the
     validity (1.0 where any of the model's bands has data, 0.0 where all are ``nodata``),
@@ -148,6 +166,7 @@ def unet_probabilities(
             raster's.
             Every copy of a block computes the same windows in the same batch, so the result
             does not change.
+        compile: run the model through ``torch.compile`` (:func:`pipeline.segment.unet.cached_model`).
     """
     h, w = image.shape[1:]
     rch, cch = image.chunks[1], image.chunks[2]
@@ -156,7 +175,7 @@ def unet_probabilities(
     blocks_y = window_blocks(wgrid.origins(h), by, wgrid.window, h)
     blocks_x = window_blocks(wgrid.origins(w), bx, wgrid.window, w)
     token = tokenize(store, image.name, band_idx, wgrid, kind, model_path, device, batch_size, nodata, n_classes,
-                     strip_px)
+                     strip_px, compile)
     sums_name, out_name = f"tileseg-unet-{token}", f"tileseg-blend-{token}"
     block_sums = in_chunk(_block_sums, where)
     combine = in_chunk(_combine, where)
@@ -176,7 +195,8 @@ def unet_probabilities(
             for p, (oy, y0, y1) in enumerate(blocks_y):
                 step1[(sums_name, p, int(q), k)] = (located(block_sums, (y0, y1), (x0, x1), (p, int(q))), store,
                                                     band_idx, (h, w), oy, ox, (y0, y1), (x0, x1), wgrid, kind,
-                                                    model_path, device, batch_size, nodata, n_classes)  # fmt: skip
+                                                    model_path, device, batch_size, nodata, n_classes,
+                                                    compile)  # fmt: skip
     step2: dict = {}
     for i in range(len(rch)):
         r0, r1 = int(rb[i]), int(rb[i + 1])

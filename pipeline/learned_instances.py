@@ -79,7 +79,7 @@ def learned_kernel(store: Path, image: da.Array, band_names: list[str], nodata: 
         wgrid = WindowGrid.from_overlap(lc.window, lc.overlap, spec.divisor)
         probs = inference.unet_probabilities(str(store), image, band_idx, wgrid, lc.blend, str(lc.model), device,
                                              lc.batch_size, nodata, len(INSTANCE_CLASSES),
-                                             strip_px=lc.strip_px)  # fmt: skip
+                                             strip_px=lc.strip_px, compile=lc.compile)  # fmt: skip
         probs = probs[:-1]  # drop the validity channel
         params = WatershedParams(foreground=lc.foreground, seed=lc.seed, min_seed_px=lc.min_seed_px,
                                  min_size_px=lc.min_size_px)  # fmt: skip

@@ -369,7 +369,7 @@ def _unet_labels(store: Path, image, band_names, nodata, cfg: UNetConfig, class_
         log.info("U-Net inference tasks ask for a GPU worker (resource GPU=1)")
     probs = inference.unet_probabilities(str(store), image, band_idx, wgrid, cfg.blend, str(cfg.model), device,
                                          cfg.batch_size, nodata, len(spec.classes), where, gpu=gpu,
-                                         strip_px=cfg.strip_px)  # fmt: skip
+                                         strip_px=cfg.strip_px, compile=cfg.compile)  # fmt: skip
     labels = apply.argmax_valid_labels(probs, LABEL_NODATA, where)  # the last channel is the validity
     probs = probs[:-1]
     attrs = {"model": str(cfg.model), "window": wgrid.window, "stride": wgrid.stride, "blend": cfg.blend}

@@ -18,8 +18,9 @@ Sides:
   argmax (timed).
 - ``monai_channels_last``: the same with the model and each window in channels_last layout
   (what tileseg does; MONAI's fastest plain-PyTorch way on a CPU).
-- ``monai_compiled`` (with ``--compile``; meant for a GPU): channels_last and
-  ``torch.compile``, compiled by a warm-up call before the clock.
+- ``monai_compiled`` (with ``--compile``): channels_last and ``torch.compile``, compiled by a
+  warm-up call before the clock. ``--compile`` also runs the tileseg sides with
+  ``segment.unet.compile: true``, compiled before the clock (``pipeline.segment.unet.warm_model``).
 
 The model is loaded before the clock on every side (tileseg: into the process's model
 cache, or on every worker for ``tileseg_distributed``), and each side's first model call,
@@ -94,15 +95,22 @@ def side_tileseg(store: Path, work: Path, args: argparse.Namespace, processes: b
 
     local = work / "scene.zarr"
     shutil.copytree(store, local)
-    seg = SegmentConfig(method="unet", unet=UNetConfig(model=args.model, window=args.window, overlap=args.overlap,
-                        blend="gaussian", placement="edge", batch_size=args.batch, device=args.device))  # fmt: skip
-    from pipeline.segment.unet import cached_model
+    window, overlap = args.tileseg_window or args.window, args.overlap if args.tileseg_overlap is None else args.tileseg_overlap
+    seg = SegmentConfig(method="unet", unet=UNetConfig(model=args.model, window=window, overlap=overlap,
+                        blend="gaussian", placement="edge", batch_size=args.batch, device=args.device,
+                        compile=args.compile))  # fmt: skip
+    from pipeline.segment.unet import cached_model, warm_model
 
     cfg = DaskConfig(progress=False, scheduler="distributed" if processes else "threads")
+    compile_s = None
     with dask_client(cfg) as client:
+        if args.compile:  # compile before the clock, as the monai_compiled side does (each worker compiles its own)
+            if client is not None:
+                client.run(warm_model, args.model, args.device, True, args.batch, window)
+            compile_s = round(warm_model(args.model, args.device, True, args.batch, window), 1)
         if client is not None:  # load the model on every worker before the clock, as below in this process
-            client.run(cached_model, args.model, args.device)
-        cached_model(args.model, args.device)
+            client.run(cached_model, args.model, args.device, args.compile)
+        cached_model(args.model, args.device, args.compile)
         with harness.py_spy(args.profile):
             t1 = time.perf_counter()
             stages.segment(local, seg, progress=False, overwrite=True)
@@ -112,7 +120,7 @@ def side_tileseg(store: Path, work: Path, args: argparse.Namespace, processes: b
     labels = zstore.open_store(local)[zstore.LABELS].values
     np.save(work / "labels.npy", labels)
     harness.report_side(wall_s=t3 - t1, segment_s=round(t2 - t1, 3), stitch_s=round(t3 - t2, 3),
-                        labels=str(work / "labels.npy"))  # fmt: skip
+                        compile=args.compile, compile_s=compile_s, labels=str(work / "labels.npy"))  # fmt: skip
 
 
 def side_monai(store: Path, work: Path, args: argparse.Namespace, layout: bool, compiled: bool) -> None:
@@ -172,7 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeat-y", type=int, default=3, help="tile the 768 x 1536 px scene this many times down")
     ap.add_argument("--repeat-x", type=int, default=2, help="... and across")
-    ap.add_argument("--compile", action="store_true", help="also run monai_compiled (GPU)")
+    ap.add_argument("--tileseg-window", type=int, help="the tileseg sides' window (default: --window)")
+    ap.add_argument("--tileseg-overlap", type=float, help="the tileseg sides' overlap (default: --overlap)")
+    ap.add_argument("--compile", action="store_true",
+                    help="tileseg sides with segment.unet.compile (compiled before the clock), and monai_compiled")
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     harness.side_arguments(ap, SIDES)
@@ -202,9 +213,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         results = harness.run_case_sides(__file__, "unet", sides, work, ["--store", str(store), "--model", args.model,
                                          "--device", args.device, "--window", str(args.window), "--overlap",
-                                         str(args.overlap), "--batch", str(args.batch)], args.profile)  # fmt: skip
+                                         str(args.overlap), "--batch", str(args.batch),
+                                         *(["--compile"] if args.compile else []),
+                                         *(["--tileseg-window", str(args.tileseg_window)] if args.tileseg_window else []),
+                                         *(["--tileseg-overlap", str(args.tileseg_overlap)]
+                                           if args.tileseg_overlap is not None else [])], args.profile)  # fmt: skip
         row = {"case": "unet", "device": args.device, "shape": [h, w], "window": args.window,
-               "overlap": args.overlap, "batch": args.batch, "model": Path(args.model).name,
+               "overlap": args.overlap, "batch": args.batch, "compile": args.compile, "model": Path(args.model).name,
+               "tileseg_window": args.tileseg_window or args.window,
+               "tileseg_overlap": args.overlap if args.tileseg_overlap is None else args.tileseg_overlap,
                "sides": {s: r.summary(mpx) for s, r in results.items()}}  # fmt: skip
         monai = [s for s in results if s.startswith("monai")]
         if monai:
