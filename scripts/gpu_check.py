@@ -3,7 +3,8 @@
 One run, same GPU, same model, window, overlap, batch, Gaussian weights and window placement:
 
 - ``tileseg``: the segment stage disk to disk (zarr in, zarr labels + COG out; bf16 autocast,
-  channels_last, window sums made on the GPU), Dask's threaded scheduler;
+  channels_last, ``segment.unet.compile`` compiled before the clock, window sums made on the
+  GPU), Dask's threaded scheduler;
 - ``tileseg_distributed``: the same on the LocalCluster ``tileseg run`` starts on a GPU
   machine (one worker process per GPU, pinned to it, U-Net tasks asking for ``GPU=1``);
 - ``monai``, ``monai_channels_last``, ``monai_compiled``: MONAI's ``sliding_window_inference``

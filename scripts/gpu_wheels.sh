@@ -4,7 +4,8 @@
 # the repository and data/cache). The machine has torch, numpy, xarray, scikit-image, tifffile,
 # timm and the other common packages already (see the tool library's device/KINDS.md).
 #
-# Then, with the device tool (one call; about 3 minutes on a warm H200 at the default size):
+# Then, with the device tool (one call; about 3 minutes on a warm H200 at the default size, plus
+# the compilations of the compiled sides, tileseg and monai_compiled, each before its clock):
 #   carry: [".whl", "data/cache"]
 #   command: python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
 #            --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
