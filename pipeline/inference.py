@@ -89,7 +89,7 @@ def _block_sums(store: str, band_idx: list[int], shape: tuple[int, int], oy: np.
     """One window block's task: float32 (K + 2, rows, cols), the block's weighted sums
     (:func:`pipeline.blend.window_sums`) and its pixels' validity, from one store read."""
     from pipeline.io.store import read_region
-    from pipeline.segment.unet import cached_model, normalise, predict_probabilities
+    from pipeline.segment.unet import cached_model, predict_probabilities
 
     # a compiled model on the CPU: one model call at a time on every core, while the other
     # tasks read, normalise and add sums (README "Performance", case 3 with compile)
@@ -100,9 +100,8 @@ def _block_sums(store: str, band_idx: list[int], shape: tuple[int, int], oy: np.
 
     def predict(batch: np.ndarray) -> np.ndarray:
         valid = None if nodata is None else ~(batch == nodata).all(axis=1)
-        x = normalise(batch, spec, valid)
-        with _MODEL_LOCK if serial else contextlib.nullcontext():
-            return predict_probabilities(net, x, device, as_tensor=True)
+        with _MODEL_LOCK if serial else contextlib.nullcontext():  # normalised on the device
+            return predict_probabilities(net, batch, device, as_tensor=True, spec=spec, valid=valid)
 
     read: dict = {}
 

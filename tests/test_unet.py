@@ -257,3 +257,26 @@ def test_a_model_that_cannot_compile_is_a_one_line_config_error(odd_scene, tmp_p
                                                           r"\(.*C\+\+ compiler.*\); set compile: false") as err:
         _segment(odd_scene[0], tmp_path, 256, model, compile=True)
     assert "\n" not in str(err.value)
+
+
+def test_normalising_on_the_device_equals_normalise_and_leaves_the_batch_alone(tiny_model):
+    """``predict_probabilities(spec=..., valid=...)`` (normalised in torch, on the device)
+    gives the same probabilities, bit for bit, as the numpy ``normalise`` first, for uint16
+    and float32 batches, and never writes into the caller's array."""
+    from pipeline.segment.unet import load_model, normalise, predict_probabilities
+
+    net, spec = load_model(tiny_model, "cpu")
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 5000, (3, 4, 64, 64)).astype(np.uint16)
+    raw[1, :, :10, :20] = 0
+    valid = ~(raw == 0).all(axis=1)
+    ref = predict_probabilities(net, normalise(raw, spec, valid), "cpu")
+    for batch in (raw, raw.astype(np.float32)):
+        before = batch.copy()
+        np.testing.assert_array_equal(predict_probabilities(net, batch, "cpu", spec=spec, valid=valid), ref)
+        np.testing.assert_array_equal(batch, before)
+    one_band = raw[:, :1].astype(np.float32)  # NCHW and channels_last share memory when C == 1
+    spec1 = spec.model_copy(update={"bands": spec.bands[:1], "mean": spec.mean[:1], "std": spec.std[:1]})
+    before = one_band.copy()
+    predict_probabilities(torch.nn.Identity(), one_band, "cpu", spec=spec1, valid=valid)
+    np.testing.assert_array_equal(one_band, before)
