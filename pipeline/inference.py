@@ -92,7 +92,7 @@ def _block_sums(store: str, band_idx: list[int], shape: tuple[int, int], oy: np.
     from pipeline.segment.unet import cached_model, predict_probabilities
 
     # a compiled model on the CPU: one model call at a time on every core, while the other
-    # tasks read, normalise and add sums (README "Performance", case 3 with compile)
+    # tasks read and add sums (README "Performance", case 3 with compile)
     serial = compile and device == "cpu"
     if device == "cpu":
         _share_cpus_with_other_tasks(one_call_at_a_time=serial)

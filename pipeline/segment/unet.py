@@ -202,7 +202,7 @@ def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> str:
     return device
 
 
-_CACHE: dict[tuple[str, str], tuple[Any, ModelSpec]] = {}
+_CACHE: dict[tuple[str, str, bool], tuple[Any, ModelSpec]] = {}
 _LOCK = threading.Lock()
 
 
