@@ -313,3 +313,19 @@ def test_instance_unet_chunks_finish_row_by_row_and_strip_by_strip():
     assert all(blocks <= 16 and chunks <= 10 for blocks, chunks in rows)  # rows: the height does not matter
     strips = [live(3072, w, 4096) for w in (8192, 16384)]
     assert all(blocks <= 24 and chunks <= 10 for blocks, chunks in strips)  # strips: nor does the width
+
+
+def test_gdal_block_cache_is_sized_in_bytes(tmp_path, scene):
+    """rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64 in bytes: a bare 64 was a
+    64-byte cache, which stayed after the first ingest and made a JPEG2000 band read onto a
+    finer grid 40 times slower. The cache tileseg sets for reads and COG writes is 16 MiB."""
+    from rasterio._env import get_gdal_config
+
+    from pipeline.io import raster as rio_io
+
+    for env in (rio_io._READ_ENV, rio_io._WRITE_ENV):
+        with rasterio.Env(**env):
+            assert get_gdal_config("GDAL_CACHEMAX") == 16 * 1024 * 1024
+    with dask_client(DaskConfig(progress=False, scheduler="threads")):
+        stages.ingest([scene["tif"]], tmp_path / "c.zarr", IngestConfig(chunk_size=256), progress=False)
+    assert get_gdal_config("GDAL_CACHEMAX") >= 16 * 1024 * 1024  # whatever is left for the process
