@@ -1,17 +1,17 @@
-"""Deployments against a REAL Prefect server: `prefect server start` and `tileseg deploy`
-run as subprocesses (started once for this module, always stopped); runs are triggered
-through the API the way the UI's "Custom run" form does (`run_deployment`)."""
+"""Deployments against a REAL Prefect server: the session's (Prefect's test harness runs the
+app of `prefect server start`, `prefect.server.api.server:create_app`, under uvicorn in a
+subprocess) and `tileseg deploy` as a subprocess (started once for this module, always
+stopped); runs are triggered through the API the way the UI's "Custom run" form does
+(`run_deployment`)."""
 
 from __future__ import annotations
 
 import copy
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -118,12 +118,6 @@ def test_deploy_without_a_server_says_how_to_start_one(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------- a real server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM the process group we started (a graceful shutdown), SIGKILL if it lingers."""
     if proc.poll() is None:
@@ -140,33 +134,16 @@ def _tail(path: Path, n: int = 40) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`prefect server start` on a free port, with its own PREFECT_HOME and SQLite database."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = _env(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_UI_ENABLED="false",
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}")  # fmt: skip
-    log = home / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not start:\n{_tail(log)}")
-            time.sleep(0.5)
-        yield {"url": url, "env": env, "home": home}
-    finally:
-        _stop(proc)
+def server(prefect_home):
+    """The session's Prefect server (conftest's ``prefect_home``: Prefect's test harness runs
+    the API that `prefect server start` runs, in a subprocess on a free port, with its own
+    SQLite database), and the environment that points subprocesses at it. One server for the
+    whole session: each start costs about 20 s here."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    assert url and url.startswith("http://127.0.0.1"), url
+    return {"url": url, "env": _env(PREFECT_HOME=str(prefect_home), PREFECT_API_URL=url), "home": prefect_home}
 
 
 @pytest.fixture()

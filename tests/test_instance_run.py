@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +38,15 @@ def nuclei_config(repo_root):
     return load_config(repo_root / "config" / "nuclei.yaml")
 
 
-def test_nuclei_run_prints_object_metrics(nuclei, repo_root, tmp_path):
+def test_nuclei_run_prints_object_metrics(nuclei, repo_root, tmp_path, prefect_home):
+    from prefect.settings import PREFECT_API_URL
+
     out = tmp_path / "out"
+    # reports to the session's Prefect server rather than starting a temporary one (10-20 s)
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(prefect_home))
     r = subprocess.run(
         [TILESEG, "run", "config/nuclei.yaml", "--set", f"output_dir={out}", "--set", "dask.progress=false"],
-        capture_output=True, text=True, cwd=repo_root, timeout=600,
+        capture_output=True, text=True, cwd=repo_root, timeout=600, env=env,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     line = next(x for x in (r.stdout + r.stderr).splitlines() if x.startswith("at IoU 0.5:"))

@@ -37,7 +37,7 @@ count of each label value, so a run that wrote the wrong raster cannot pass as f
 Prints one JSON line per pipeline and appends it to ``--results``.
 
 Usage: python tests/benchmarks/bench_scaling.py [--pipelines classical,unet] [--base-classical 2048]
-       [--base-unet 1024] [--scheduler threads|distributed] [--profile DIR]
+       [--base-unet 1024] [--factors 1,2,4] [--scheduler threads|distributed] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -129,10 +129,12 @@ def _input(pipeline: str, size: int, input_dir: Path) -> Path:
     return harness.write_scene_geotiff(input_dir / f"scene_{size}.tif", size)
 
 
-def scaling_row(pipeline: str, base: int, args: argparse.Namespace, work: Path) -> dict:
-    """Run ``pipeline`` at every scale (each in a child process) and summarise it as one row."""
+def scaling_row(pipeline: str, base: int, factors: tuple[int, ...], args: argparse.Namespace, work: Path) -> dict:
+    """Run ``pipeline`` at edges ``base * k`` for each k in ``factors`` (each in a child process)
+    and summarise it as one row. Its ratios compare the last scale with the first: with the
+    default factors (1, 2, 4), ``rss_16x_over_1x`` and ``time_per_px_16x_over_1x``."""
     scales = {}
-    for k in FACTORS:
+    for k in factors:
         size = base * k
         name = f"{k * k}x"
         src = _input(pipeline, size, Path(args.input_dir))
@@ -158,14 +160,16 @@ def scaling_row(pipeline: str, base: int, args: argparse.Namespace, work: Path) 
         if prof:
             scales[name]["profile"] = harness.summarize_profile(prof[1])
         shutil.rmtree(d, ignore_errors=True)
-    first, last = scales[f"{FACTORS[0] ** 2}x"], scales[f"{FACTORS[-1] ** 2}x"]
+    lo, hi = f"{factors[0] ** 2}x", f"{factors[-1] ** 2}x"
+    first, last = scales[lo], scales[hi]
     rss = round(last["peak_rss_mib"] / first["peak_rss_mib"], 3)
     tpp = round(last["s_per_mpx"] / first["s_per_mpx"], 3)
     return {
         "case": "scaling", "pipeline": pipeline, "scheduler": args.scheduler, "chunk": args.chunk, "base_edge": base,
+        "factors": list(factors),
         **({"model": MODEL, "window": 256, "overlap": 0.25, "device": args.device} if pipeline == "unet"
            else {"method": "threshold", "expression": "B08", "otsu": True}),
-        "scales": scales, "rss_16x_over_1x": rss, "time_per_px_16x_over_1x": tpp,
+        "scales": scales, f"rss_{hi}_over_{lo}": rss, f"time_per_px_{hi}_over_{lo}": tpp,
         "rss_goal_met": rss <= RSS_GOAL, "time_goal_met": tpp <= TIME_GOAL,
     }  # fmt: skip
 
@@ -177,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pipelines", default=",".join(PIPELINES), help=f"comma-separated subset of {PIPELINES}")
     ap.add_argument("--base-classical", type=int, default=2048, help="1x edge in pixels of the classical runs")
     ap.add_argument("--base-unet", type=int, default=1024, help="1x edge in pixels of the U-Net runs")
+    ap.add_argument("--factors", default=",".join(map(str, FACTORS)),
+                    help="edge multipliers of the runs, ascending (default 1,2,4: 1x, 4x and 16x the pixels)")
     ap.add_argument("--chunk", type=int, default=IngestConfig().chunk_size, help="tileseg chunk edge T (pixels) (default: ingest.chunk_size's)")
     ap.add_argument("--scheduler", choices=("threads", "distributed"), default="threads")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="U-Net device")
@@ -197,13 +203,19 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(pipelines) - set(PIPELINES))
     if unknown:
         ap.error(f"unknown pipelines {unknown}; choose from {PIPELINES}")
+    try:
+        factors = tuple(int(f) for f in args.factors.split(","))
+    except ValueError:
+        ap.error(f"--factors: comma-separated whole numbers expected, got {args.factors!r}")
+    if len(factors) < 2 or factors[0] < 1 or list(factors) != sorted(set(factors)):
+        ap.error(f"--factors: at least two ascending whole numbers from 1, got {args.factors!r}")
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tileseg-bench-scaling-"))
     try:
         for p in pipelines:
             base = args.base_unet if p == "unet" else args.base_classical
-            harness.emit(scaling_row(p, base, args, work), args.results)
+            harness.emit(scaling_row(p, base, factors, args, work), args.results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
