@@ -505,6 +505,9 @@ class RunConfig(_Model):
             raise ValueError("class names must be unique")
         if len(names) > 255:
             raise ValueError("at most 255 classes (id 255 is the label nodata)")
+        if self.segment.method == "none" and self.instances is None:
+            raise ValueError("segment.method 'none' segments nothing: give an `instances` section, or pick "
+                             "threshold, kmeans or unet")
         km = self.segment.kmeans
         if self.segment.method == "kmeans" and km.map_to_classes:
             if self.evaluate.ground_truth is None or not self.classes:

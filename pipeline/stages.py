@@ -40,7 +40,7 @@ from pipeline.config import (
     UNetConfig,
     config_hash,
 )
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.grid import Grid, iter_windows
 from pipeline.io import raster as rio_io
 from pipeline.io import store as zstore
@@ -149,7 +149,6 @@ def ingest_microscopy(
     """
     from affine import Affine
 
-    from pipeline.errors import ConfigError
     from pipeline.io import microscopy
 
     mcfg = mcfg or MicroscopyConfig()
@@ -238,10 +237,13 @@ def segment(
         ``store``.
 
     Raises:
-        InputError, ConfigError: unknown bands, no valid pixels, inconsistent options.
+        InputError, ConfigError: unknown bands, no valid pixels, inconsistent options, ``method`` none.
         TilesegError: an error inside a chunk task, naming the chunk (see :class:`pipeline.apply.in_chunk`).
     """
     store = Path(store)
+    if cfg.method == "none":
+        raise ConfigError("segment.method is 'none' (an instance-only config): set segment.method to threshold, "
+                          "kmeans or unet, or run the instances with `tileseg run CONFIG`")
     ds = zstore.open_store(store)
     if zstore.IMAGE not in ds:
         raise InputError(f"{store} has no image; run `tileseg ingest` first")
@@ -296,6 +298,10 @@ def segment(
         attrs.update(expression=tc.expression, threshold=threshold, otsu=tc.value is None)
         if not class_names:
             class_names = ["below", "above"]
+        elif len(class_names) > 2:
+            log.warning("threshold writes classes 0 (below) and 1 (above), here named %r and %r; the other %d "
+                        "classes never appear (an evaluation against them scores only these two)",
+                        class_names[0], class_names[1], len(class_names) - 2)  # fmt: skip
     else:
         kc = cfg.kmeans
         feats = kc.bands or band_names

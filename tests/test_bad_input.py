@@ -129,6 +129,17 @@ def test_ground_truth_that_does_not_overlap(small, tmp_path):
     assert not (out / "report.json").exists() and not (out / "error_map.tif").exists()
 
 
+def test_segment_with_an_instance_only_config(small, repo_root):
+    """`tileseg segment` with nuclei.yaml (segment.method none) used to run k-means and
+    write cluster labels; now it refuses and leaves the store's labels as they were."""
+    import xarray as xr
+
+    before = xr.open_zarr(small["store"])["labels"].values
+    r = _run("segment", str(small["store"]), "--config", str(repo_root / "config" / "nuclei.yaml"), *FAST)
+    _fails(r, "segment.method is 'none'")
+    np.testing.assert_array_equal(xr.open_zarr(small["store"])["labels"].values, before)
+
+
 def test_band_the_raster_lacks(small, tmp_path):
     r = _run("segment", str(small["store"]), *FAST, "--set", "segment.method=threshold",
              "--set", "segment.threshold.expression=(B03 - B11) / (B03 + B11)")  # fmt: skip

@@ -56,6 +56,13 @@ def test_mapping_needs_ground_truth(tmp_path):
         load_config(p)
 
 
+def test_method_none_needs_instances(repo_root):
+    """`none` is for instance-only configs; without `instances` it used to run k-means."""
+    with pytest.raises(ConfigError, match="segment.method 'none'"):
+        load_config(repo_root / "config" / "default.yaml", ["segment.method=none"])
+    assert load_config(repo_root / "config" / "nuclei.yaml").segment.method == "none"
+
+
 def _run(*args, cwd=None):
     return subprocess.run([TILESEG, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 

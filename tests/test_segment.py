@@ -73,6 +73,17 @@ def test_fixed_threshold(stores, scene):
     np.testing.assert_array_equal(lab[inner], (b04[inner] > 2000).astype(np.uint8))
 
 
+def test_threshold_names_its_two_classes_and_says_when_more_are_given(stores, caplog):
+    cfg = SegmentConfig(method="threshold", threshold=ThresholdConfig(expression="B04", value=2000))
+    with caplog.at_level("WARNING", logger="tileseg"):
+        assert _labels(stores[256], cfg).attrs["class_names"] == ["below", "above"]
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="tileseg"):
+        assert _labels(stores[256], cfg, classes=CLASSES).attrs["class_names"] == ["a", "b", "c", "d"]
+    (record,) = caplog.records
+    assert "'a' and 'b'" in record.getMessage() and "other 2 classes never appear" in record.getMessage()
+
+
 def test_kmeans_labels_identical_for_every_chunking(stores):
     cfg = SegmentConfig(method="kmeans", kmeans=KMeansConfig(n_clusters=5, sample_size=20_000, seed=3))
     results = {t: _labels(s, cfg).values for t, s in stores.items()}
