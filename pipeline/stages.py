@@ -318,7 +318,15 @@ def segment(
             label="kmeans: sampling",
             progress=progress,
         )
-        model = fit_kmeans(np.asarray(vals)[np.asarray(ok)], kc.n_clusters, kc.seed)
+        samples = np.asarray(vals)[np.asarray(ok)]
+        fit_id = resume.kmeans_fit_id(samples, kc.n_clusters, kc.seed)
+        model = None if overwrite else resume.earlier_kmeans_fit(store, fit_id)
+        if model is None:
+            log.info("kmeans: fitting %d clusters on %d sampled pixels of %d bands (scikit-learn, one thread)",
+                     kc.n_clusters, len(samples), len(feats))  # fmt: skip
+            model = fit_kmeans(samples, kc.n_clusters, kc.seed)
+        else:
+            log.info("kmeans: the labels in %s were fitted on the same sample: their fit is reused", store)
         mapping = None
         if kc.map_to_classes:
             assert ground_truth is not None and kc.train_area is not None  # checked by RunConfig
@@ -336,7 +344,9 @@ def segment(
             attrs["cluster_to_class"] = mapping.tolist()
             log.info("cluster -> class: %s", {k: class_names[c] for k, c in enumerate(mapping)})
         labels = apply.kmeans_labels(image, idx, model, valid, LABEL_NODATA, mapping, where)
-        attrs.update(bands=feats, centroids=model.centroids.tolist(), seed=kc.seed)
+        attrs.update(bands=feats, centroids=model.centroids.tolist(), kmeans_mean=model.mean.tolist(),
+                     kmeans_std=model.std.tolist(), seed=kc.seed)  # fmt: skip
+        attrs[resume.KMEANS_FIT] = fit_id
         if mapping is None and not class_names:
             class_names = [f"cluster_{k}" for k in range(kc.n_clusters)]
     attrs["class_names"] = class_names

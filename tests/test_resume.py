@@ -205,6 +205,51 @@ def test_another_config_discards_the_unfinished_chunks(fresh_store, tmp_path, mo
     assert xr.open_zarr(store)["labels"].attrs["otsu"] is True
 
 
+def test_a_kmeans_rerun_reuses_the_fit_of_the_same_sample(fresh_store, tmp_path, monkeypatch, caplog):
+    """The fit (about 10 s at the default config's size) ran again on every rerun, even of
+    up-to-date labels; now a rerun drawing the same sample takes the recorded model, also
+    from an interrupted run's labels_partial."""
+    from pipeline.config import KMeansConfig
+
+    kmeans = SegmentConfig(method="kmeans", kmeans=KMeansConfig(n_clusters=4, sample_size=3000, seed=1))
+    store = _copy(fresh_store, tmp_path / "s.zarr")
+    fits: list = []
+    real_fit = stages.fit_kmeans
+    monkeypatch.setattr(stages, "fit_kmeans", lambda *a: fits.append(a[1:]) or real_fit(*a))
+    stages.segment(store, kmeans, progress=False)
+    first = _chunk_files(store)
+    attrs = xr.open_zarr(store)["labels"].attrs
+    assert fits == [(4, 1)] and attrs["kmeans_fit"].startswith("sha256:")
+    with caplog.at_level(logging.INFO, logger="tileseg"):
+        stages.segment(store, kmeans, progress=False)
+    assert fits == [(4, 1)] and "fit is reused" in caplog.text and "up to date" in caplog.text
+    # an interrupted run: the fit recorded in labels_partial serves its resumption
+    other = kmeans.model_copy(update={"kmeans": KMeansConfig(n_clusters=4, sample_size=3000, seed=2)})
+    real = zstore.ChunkWriter.__call__
+    calls: list = []
+
+    def failing(self, index, *args):
+        calls.append(index)
+        if len(calls) > 50:
+            raise OSError("disk full")
+        return real(self, index, *args)
+
+    monkeypatch.setattr(zstore.ChunkWriter, "__call__", failing)
+    monkeypatch.setitem(dask.config.config, "scheduler", "sync")
+    with pytest.raises(RasterIOError):
+        stages.segment(store, other, progress=False)
+    assert fits == [(4, 1), (4, 2)]
+    monkeypatch.setattr(zstore.ChunkWriter, "__call__", real)
+    stages.segment(store, other, progress=False)
+    assert fits == [(4, 1), (4, 2)]
+    fresh = _copy(fresh_store, tmp_path / "o.zarr")
+    stages.segment(fresh, other, progress=False)
+    assert _chunk_files(store) == _chunk_files(fresh) != first
+    # --overwrite fits again
+    stages.segment(fresh, other, progress=False, overwrite=True)
+    assert fits[-1] == (4, 2) and len(fits) == 4
+
+
 # --------------------------------------------------------------------------- ingest: reuse
 def test_ingest_reuses_an_up_to_date_store_and_reingests_a_changed_one(raster, tmp_path, caplog):
     src = shutil.copy(raster, tmp_path / "img.tif")

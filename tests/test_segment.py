@@ -84,6 +84,21 @@ def test_threshold_names_its_two_classes_and_says_when_more_are_given(stores, ca
     assert "'a' and 'b'" in record.getMessage() and "other 2 classes never appear" in record.getMessage()
 
 
+def test_kmeans_fit_does_not_depend_on_the_thread_count():
+    """scikit-learn sums per-thread partial centres: with 2 threads the centroids differed
+    from 1 thread's in the last bits (and so did the segment key)."""
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.segment.classical import fit_kmeans
+
+    x = np.random.default_rng(0).normal(size=(5000, 4))
+    with threadpool_limits(limits=2):
+        two = fit_kmeans(x, 8, 0).centroids
+    with threadpool_limits(limits=1):
+        one = fit_kmeans(x, 8, 0).centroids
+    np.testing.assert_array_equal(two, one)
+
+
 def test_kmeans_labels_identical_for_every_chunking(stores):
     cfg = SegmentConfig(method="kmeans", kmeans=KMeansConfig(n_clusters=5, sample_size=20_000, seed=3))
     results = {t: _labels(s, cfg).values for t, s in stores.items()}

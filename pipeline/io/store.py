@@ -200,6 +200,13 @@ def labels_state(store: Path) -> dict[str, Any]:
     return out
 
 
+def labels_attrs(store: Path) -> list[dict[str, Any]]:
+    """Attributes of the store's ``labels_partial`` and ``labels``, in that order, of those
+    that exist (an interrupted run's first, then the finished one's)."""
+    found = (_read_attrs(Path(store) / var) for var in (_partial(LABELS), LABELS))
+    return [a for a in found if a is not None]
+
+
 def done_chunks(store: Path, key: str) -> set[tuple[int, int]]:
     """Chunks (i, j) of ``labels_partial`` whose completion marker holds ``key``.
 
