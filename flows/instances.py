@@ -21,6 +21,7 @@ from pipeline.cluster import dask_client
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.report import console_table
+from pipeline.resume import check_run_outputs
 
 
 @task(name="ingest", cache_policy=NO_CACHE, **io_retry_options())
@@ -38,7 +39,8 @@ def instances_task(store: Path, config: RunConfig) -> Path:
 @task(name="export", cache_policy=NO_CACHE, **io_retry_options())
 def export_task(store: Path, config: RunConfig) -> dict[str, Path]:
     assert config.instances is not None
-    return instance_stages.export_instances(store, config.output_dir, config.instances, config.dask.progress)
+    return instance_stages.export_instances(store, config.output_dir, config.instances, config.dask.progress,
+                                            config.config_hash())  # fmt: skip
 
 
 @task(name="evaluate-objects", cache_policy=NO_CACHE, **io_retry_options())
@@ -52,14 +54,16 @@ def evaluate_objects_task(store: Path, config: RunConfig) -> instance_stages.Ins
 def panoptic_task(store: Path, config: RunConfig) -> Path:
     assert config.instances is not None
     instance_stages.panoptic_labels(store, config.instances, config.dask.progress)
-    return instance_stages.export_panoptic_cog(store, config.output_dir / "panoptic.tif", config.dask.progress)
+    return instance_stages.export_panoptic_cog(store, config.output_dir / "panoptic.tif", config.dask.progress,
+                                               config.config_hash())  # fmt: skip
 
 
 @task(name="evaluate-panoptic", cache_policy=NO_CACHE, **io_retry_options())
 def evaluate_panoptic_task(store: Path, config: RunConfig):
     assert config.instances is not None and config.evaluate.instances is not None
     return instance_stages.evaluate_panoptic(store, config.evaluate.ground_truth, config.evaluate.instances,
-                                             config.instances, config.output_dir, config.dask.progress)  # fmt: skip
+                                             config.instances, config.output_dir, config.dask.progress,
+                                             config.config_hash())  # fmt: skip
 
 
 def publish_object_artifacts(ev: instance_stages.InstanceEvaluation, run_name: str) -> None:
@@ -79,6 +83,7 @@ def instances_run(config: RunConfig) -> dict[str, str]:
     """Instance segmentation run for one config; returns the output paths."""
     if config.instances is None:
         raise ConfigError("instances_run needs an `instances` section in the config")
+    check_run_outputs(config)  # another run's outputs: refused before anything is written
     logger = get_run_logger()
     outputs: dict[str, str] = {}
     with dask_client(config.dask):

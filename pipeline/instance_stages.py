@@ -20,7 +20,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from pipeline import __version__, apply
+from pipeline import __version__, apply, resume
 from pipeline.cluster import compute
 from pipeline.config import InstanceConfig, InstanceEvaluateConfig
 from pipeline.errors import ConfigError, InputError
@@ -140,12 +140,15 @@ def segment_instances(store: Path, cfg: InstanceConfig, progress: bool = True) -
     return store
 
 
-def export_instances(store: Path, out_dir: Path, cfg: InstanceConfig, progress: bool = True) -> dict[str, Path]:
+def export_instances(store: Path, out_dir: Path, cfg: InstanceConfig, progress: bool = True,
+                     run_config_hash: str | None = None) -> dict[str, Path]:  # fmt: skip
     """Write the store's ``instances`` for viewers: ``instances.ome.zarr`` (OME-Zarr image with
     a multiscale ``labels/instances`` group, for napari and ome-zarr-py) when ``cfg.ome_zarr``
     (default: stores in pixel coordinates, i.e. microscopy), ``instances.tif`` (plain tiled
     TIFF of ids) when ``cfg.label_tiff``, and ``instances_cog.tif`` (a COG with the store's
-    CRS) for georeferenced stores. Returns the paths written, by kind.
+    CRS) for georeferenced stores. Returns the paths written, by kind. Each records
+    ``run_config_hash`` when given (:func:`pipeline.resume.recorded_run`): the OME-Zarr as
+    a root attribute, the TIFFs as the tag ``TILESEG_RUN``.
 
     Raises:
         InputError: the store has no ``instances``.
@@ -165,20 +168,22 @@ def export_instances(store: Path, out_dir: Path, cfg: InstanceConfig, progress: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
+    tags = {resume.OWNER_TAG: run_config_hash} if run_config_hash else None
     want_ome = cfg.ome_zarr if cfg.ome_zarr is not None else grid.crs_wkt is None
     if want_ome:
         written["ome_zarr"] = write_ome_zarr(
             out_dir / "instances.ome.zarr", image.data, list(image.attrs["band_names"]), pixel, labels=ids,
             label_name="instances", chunk=image.data.chunksize[1], progress=progress,
+            attrs={resume.RUN_ATTR: run_config_hash} if run_config_hash else None,
         )  # fmt: skip
     if cfg.label_tiff:
         written["label_tiff"] = write_label_tiff(ids, out_dir / "instances.tif", pixel_size_um=pixel,
-                                                 progress=progress)  # fmt: skip
+                                                 progress=progress, tags=tags)  # fmt: skip
     if grid.crs_wkt is not None:
         blocks = ((w, np.asarray(ids[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width]))
                   for w in _windows(grid, ids.chunksize[0]))  # a generator: one block in memory at a time
         written["cog"] = write_cog(out_dir / "instances_cog.tif", grid, str(ids.dtype), None, blocks,
-                                   description="instance ids (0 = background)")  # fmt: skip
+                                   description="instance ids (0 = background)", tags=tags)  # fmt: skip
     return written
 
 
@@ -373,9 +378,10 @@ def panoptic_labels(store: Path, cfg: InstanceConfig, progress: bool = True) -> 
     return Path(store)
 
 
-def export_panoptic_cog(store: Path, out: Path, progress: bool = True) -> Path:
+def export_panoptic_cog(store: Path, out: Path, progress: bool = True, run_config_hash: str | None = None) -> Path:
     """The store's ``panoptic`` -> a two-band uint32 COG (band 1 class id, band 2 instance id),
-    with the store's CRS and transform, from one writer.
+    with the store's CRS and transform, from one writer; tagged ``TILESEG_RUN`` with
+    ``run_config_hash`` when given.
 
     Raises:
         InputError: no ``panoptic`` in the store.
@@ -393,18 +399,20 @@ def export_panoptic_cog(store: Path, out: Path, progress: bool = True) -> Path:
         for w in _windows(grid, arr.chunksize[-1]):
             yield w, np.asarray(arr[:, w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width])
 
-    return write_cog(out, grid, "uint32", None, blocks(), band_descriptions=["class id", "instance id"])
+    return write_cog(out, grid, "uint32", None, blocks(), band_descriptions=["class id", "instance id"],
+                     tags={resume.OWNER_TAG: run_config_hash} if run_config_hash else None)  # fmt: skip
 
 
 def evaluate_panoptic(store: Path, semantic_gt, instance_gt: InstanceEvaluateConfig, cfg: InstanceConfig,
-                      out_dir: Path, progress: bool = True):  # fmt: skip
+                      out_dir: Path, progress: bool = True, run_config_hash: str | None = None):  # fmt: skip
     """Panoptic quality per class of the store's ``panoptic`` against ground truth made of a
     semantic class map (``semantic_gt``, any form :func:`pipeline.evaluation.ground_truth_array`
     reads) and an instance-id mask (``instance_gt``) on the image's grid.
 
     Segments match within their class at IoU > 0.5; unlabeled ground truth is void (Kirillov
     et al. 2019 void rule); stuff classes (not in ``cfg.thing_classes``) count one segment
-    per class. Writes ``report_panoptic.json`` and ``report_panoptic.md``.
+    per class. Writes ``report_panoptic.json`` (with ``config_hash``: ``run_config_hash``)
+    and ``report_panoptic.md``.
 
     Returns:
         :class:`pipeline.object_metrics.PanopticMetrics`.
@@ -435,7 +443,7 @@ def evaluate_panoptic(store: Path, semantic_gt, instance_gt: InstanceEvaluateCon
     by_id = dict(enumerate(names))
     doc = {"tileseg_version": __version__, "kind": "panoptic", "prediction": str(store), "class_names": names,
            "ground_truth": [files.checksum(semantic_gt.path), files.checksum(instance_gt.ground_truth)],
-           "metrics": metrics.to_dict(by_id)}  # fmt: skip
+           "config_hash": run_config_hash, "metrics": metrics.to_dict(by_id)}  # fmt: skip
     md = f"# Panoptic quality\n\nPrediction: `{store}` (panoptic)\n\n{metrics.markdown(by_id)}\n"
     files.publish_texts([(out_dir / "report_panoptic.md", md),
                          (out_dir / "report_panoptic.json", json.dumps(doc, indent=2) + "\n")])  # fmt: skip

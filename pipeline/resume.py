@@ -269,17 +269,75 @@ def check_report(out_dir: Path, key: str, overwrite: bool) -> None:
         raise OutputExistsError(f"{path} is a report {who}, not of this run ({key[:19]}…); {_HOW}")
 
 
+#: Root attribute of an OME-Zarr store (instance export) naming the run that wrote it.
+RUN_ATTR = "tileseg_run"
+
+
+def recorded_run(path: Path) -> str | None:
+    """The run config hash an output records: a JSON report's ``config_hash``, a zarr
+    store's root attribute :data:`RUN_ATTR`, a GeoTIFF's or TIFF's tag :data:`OWNER_TAG`;
+    None when it records none (or cannot be read: not tileseg's either)."""
+    import warnings
+
+    from pipeline.io.raster import raster_info
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            found = zstore.read_root_attrs(path).get(RUN_ATTR)
+        elif path.suffix == ".json":
+            found = files.read_json(path).get("config_hash")
+        else:
+            with warnings.catch_warnings():  # a plain TIFF in pixel coordinates: NotGeoreferencedWarning
+                warnings.simplefilter("ignore")
+                found = raster_info(path).tags.get(OWNER_TAG)
+    except Exception:  # unreadable, or not a mapping: not one of this run's outputs
+        return None
+    return found if isinstance(found, str) else None
+
+
+def check_owned(paths: list[Path], key: str) -> None:
+    """Refuse when one of ``paths`` exists and does not record the run ``key`` (:func:`recorded_run`).
+
+    Raises:
+        OutputExistsError: naming the first such output and the run it records.
+    """
+    for path in paths:
+        if Path(path).exists():
+            found = recorded_run(path)
+            if found != key:
+                who = f"run {found[:19]}…" if found else "something that is not this tileseg run"
+                raise OutputExistsError(f"{path} was written by {who}, not by this run ({key[:19]}…); {_HOW}")
+
+
+#: What an instance run writes in its output directory (:mod:`pipeline.instance_stages`).
+INSTANCE_OUTPUTS = ("instances.ome.zarr", "instances.tif", "instances_cog.tif", "report_instances.json",
+                    "panoptic.tif", "report_panoptic.json")  # fmt: skip
+
+
 def check_run_outputs(config: RunConfig) -> None:
-    """Before a whole run starts: refuse, unless ``config.overwrite``, when its store, COG or
-    report belongs to another run, so that a refused run changes nothing.
+    """Before a whole run starts: refuse, unless ``config.overwrite``, when its store, COG,
+    report or (with ``instances``) instance output (:data:`INSTANCE_OUTPUTS`) belongs to
+    another run, so that a refused run changes nothing.
 
     Raises:
         OutputExistsError: naming the first such output.
     """
     if config.overwrite:
         return
-    verdict, why = store_verdict(config.store_path, list(config.inputs), config.ingest)
-    if verdict == "other":
-        raise refuse_store(config.store_path, why)
-    cog_state(config.cog_path, config.config_hash(), None, False)
-    check_report(config.output_dir, config.config_hash(), False)
+    store = config.store_path
+    source = zstore.read_root_attrs(store).get("source") if (store / "zarr.json").is_file() else None
+    if source is not None:  # a microscopy store (pipeline.stages.ingest_microscopy): rewritten by every run
+        inputs = [Path(p).resolve() for p in config.inputs]
+        if inputs != [Path(source).resolve()]:
+            raise refuse_store(store, f"it holds {source}, not {', '.join(map(str, config.inputs))}")
+    else:
+        verdict, why = store_verdict(store, list(config.inputs), config.ingest)
+        if verdict == "other":
+            raise refuse_store(store, why)
+    key = config.config_hash()
+    if config.instances is None or config.segment.method != "none":
+        cog_state(config.cog_path, key, None, False)
+        check_report(config.output_dir, key, False)
+    if config.instances is not None:
+        check_owned([config.output_dir / name for name in INSTANCE_OUTPUTS], key)

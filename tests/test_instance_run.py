@@ -65,6 +65,21 @@ def test_nuclei_run_prints_object_metrics(nuclei, repo_root, tmp_path, prefect_h
     assert f"{m.at(0.5)['f1']:.4f}" in page
     # the segmentation finds most nuclei (a sanity bound, far below what it reaches)
     assert m.at(0.5)["f1"] > 0.5
+    # each output records the run; another config is refused before it writes anything
+    from pipeline.resume import recorded_run
+
+    key = load_config(repo_root / "config" / "nuclei.yaml", [f"output_dir={out}"]).config_hash()
+    for name in ("instances.ome.zarr", "instances.tif", "report_instances.json"):
+        assert recorded_run(out / name) == key, name
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = subprocess.run(
+        [TILESEG, "run", "config/nuclei.yaml", "--set", f"output_dir={out}", "--set", "instances.min_size=30"],
+        capture_output=True, text=True, cwd=repo_root, timeout=600, env=env,
+    )  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    (error,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert "was written by run" in error and "--overwrite" in error
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
 
 def test_nuclei_ome_zarr_opens_with_ome_zarr_py(nuclei, nuclei_config, tmp_path):

@@ -425,6 +425,47 @@ def test_a_whole_run_is_refused_before_it_writes_when_outputs_belong_to_another(
     check_run_outputs(moved.model_copy(update={"overwrite": True}))
 
 
+def test_an_instance_run_is_refused_when_its_outputs_belong_to_another(tmp_path):
+    """Instance runs replaced another run's exports, reports and microscopy store without
+    asking; now each output records its run and the whole run is checked first."""
+    import dask.array as da
+    import tifffile
+
+    from pipeline.config import load_config
+    from pipeline.io.ome import write_label_tiff, write_ome_zarr
+    from pipeline.resume import OWNER_TAG, RUN_ATTR, check_run_outputs
+
+    img = tmp_path / "cells.tif"
+    tifffile.imwrite(img, (np.random.default_rng(0).random((64, 64)) * 1000).astype(np.uint16))
+    over = [f"inputs=[{img}]", f"output_dir={tmp_path / 'out'}", "segment.method=none", "instances={}",
+            "ingest.chunk_size=32"]  # fmt: skip
+    cfg = load_config(None, over)
+    key = cfg.config_hash()
+    out = tmp_path / "out"
+    check_run_outputs(cfg)  # nothing there yet
+    stages.ingest_microscopy(img, cfg.store_path, cfg.ingest, progress=False)
+    check_run_outputs(cfg)  # its own store: reused
+    ids = da.zeros((64, 64), dtype=np.uint32, chunks=32)
+    write_label_tiff(ids, out / "instances.tif", tags={OWNER_TAG: key})
+    write_ome_zarr(out / "instances.ome.zarr", da.zeros((1, 64, 64), np.uint16, chunks=32), ["c"], labels=ids,
+                   chunk=32, progress=False, attrs={RUN_ATTR: key})  # fmt: skip
+    (out / "report_instances.json").write_text(json.dumps({"config_hash": key}))
+    check_run_outputs(cfg)  # all its own: a rerun
+    other = load_config(None, [*over, "instances.min_size=3"])
+    with pytest.raises(OutputExistsError, match=r"instances\.ome\.zarr was written by run sha256:.*--overwrite"):
+        check_run_outputs(other)
+    check_run_outputs(other.model_copy(update={"overwrite": True}))
+    # a file that records no run is not this run's either
+    (out / "report_instances.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="report_instances.json was written by something that is not"):
+        check_run_outputs(cfg)
+    # a microscopy store of another image
+    shutil.copy(img, tmp_path / "other.tif")
+    moved = load_config(None, [*over[1:], f"inputs=[{tmp_path / 'other.tif'}]"])
+    with pytest.raises(OutputExistsError, match=r"scene\.zarr belongs to another run: it holds .*cells\.tif"):
+        check_run_outputs(moved)
+
+
 def test_cli_overwrite_flag(raster, tmp_path):
     other = shutil.copy(raster, tmp_path / "other.tif")
     store = tmp_path / "s.zarr"

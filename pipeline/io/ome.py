@@ -112,6 +112,7 @@ def write_ome_zarr(
     chunk: int = 512,
     levels: int | None = None,
     progress: bool = True,
+    attrs: dict[str, Any] | None = None,
 ) -> Path:
     """Write an OME-Zarr (NGFF 0.5) image pyramid, and optionally a label pyramid, to ``out``.
 
@@ -127,6 +128,7 @@ def write_ome_zarr(
         label_colors: id -> (r, g, b, a) 0-255, written as ``image-label.colors``.
         chunk: storage chunk edge (y, x) in pixels; image chunks hold all channels.
         levels: pyramid levels (default: until one chunk holds the whole level, see :func:`n_levels`).
+        attrs: more root attributes (beside ``ome``), such as the run that wrote the store.
 
     Returns:
         ``out``.
@@ -174,6 +176,8 @@ def write_ome_zarr(
         omero = {"channels": [{"label": str(n), "active": True} for n in channel_names]}
         extra = {"omero": omero, "method": "2x2 block mean (odd edges repeated)"}
         write_multiscales_metadata(root, datasets, fmt=fmt, axes=_axes("cyx", unit), name="image", metadata=extra)
+        if attrs:
+            root.attrs.update(attrs)
         if labels is not None:
             lab_root = root.create_group("labels")
             lab = lab_root.create_group(label_name)
@@ -209,6 +213,7 @@ def write_tiled_tiff(
     bigtiff: bool | None = None,
     ome_metadata: dict[str, Any] | None = None,
     pixel_size_um: tuple[float, float] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Path:
     """Write a single-plane tiled, compressed TIFF from an iterator of tiles; publish it atomically.
 
@@ -222,6 +227,8 @@ def write_tiled_tiff(
             ``axes``, ``Channel``, ``PhysicalSizeX`` ...; a fixed ``UUID`` makes the file
             reproducible); None: a plain TIFF.
         pixel_size_um: (y, x), also written as TIFF resolution (pixels per centimetre).
+        tags: metadata items, in GDAL's metadata TIFF tag (42112, ``GDAL_METADATA``), so that
+            GDAL and rasterio read them as the file's tags.
 
     Raises:
         RasterIOError: the file cannot be written.
@@ -235,6 +242,8 @@ def write_tiled_tiff(
     extra: dict[str, Any] = {}
     if pixel_size_um is not None:
         extra = {"resolution": (1e4 / pixel_size_um[1], 1e4 / pixel_size_um[0]), "resolutionunit": "CENTIMETER"}
+    if tags:
+        extra["extratags"] = [(GDAL_METADATA_TAG, "s", 0, gdal_metadata_xml(tags), True)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
@@ -248,6 +257,25 @@ def write_tiled_tiff(
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+#: TIFF tag in which GDAL keeps a dataset's metadata items (an XML document).
+GDAL_METADATA_TAG = 42112
+
+
+def gdal_metadata_xml(tags: dict[str, str]) -> str:
+    """``<GDALMetadata>`` XML holding ``tags`` as items of the default domain: the form of
+    GDAL's TIFF tag 42112 (GDAL GTiff driver documentation, "Metadata").
+
+    Raises:
+        ValueError: a value holds ``&``: GDAL 3.10 read ``a&amp;b`` back as ``a``.
+    """
+    from xml.sax.saxutils import escape, quoteattr
+
+    if any("&" in str(v) for v in tags.values()):
+        raise ValueError("GDAL metadata values written by tileseg cannot hold '&'")
+    items = "".join(f"<Item name={quoteattr(str(k))}>{escape(str(v))}</Item>" for k, v in tags.items())
+    return f"<GDALMetadata>{items}</GDALMetadata>"
 
 
 def _dask_tiles(arr: da.Array, tile: int, progress: bool) -> Iterator[np.ndarray]:
@@ -279,6 +307,7 @@ def write_label_tiff(
     bigtiff: bool | None = None,
     pixel_size_um: tuple[float, float] | None = None,
     progress: bool = False,
+    tags: dict[str, str] | None = None,
 ) -> Path:
     """A (y, x) integer label array -> plain tiled, compressed TIFF (BigTIFF when needed), tile by tile.
 
@@ -296,7 +325,8 @@ def write_label_tiff(
     if tile <= 0 or tile % 16:
         raise InputError(f"TIFF tiles must be a positive multiple of 16 pixels, got {tile}")
     return write_tiled_tiff(out, labels.shape, labels.dtype, _dask_tiles(labels, tile, progress), tile=tile,
-                            compression=compression, bigtiff=bigtiff, pixel_size_um=pixel_size_um)  # fmt: skip
+                            compression=compression, bigtiff=bigtiff, pixel_size_um=pixel_size_um,
+                            tags=tags)  # fmt: skip
 
 
 def ome_uuid(*parts: Any) -> str:
