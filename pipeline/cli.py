@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -52,6 +53,12 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
         # rasterio logs each GDAL error it turns into an exception; without a handler Python
         # prints them bare on stderr before tileseg's own one-line error says the same.
         logging.getLogger("rasterio").addHandler(logging.NullHandler())
+        # tileseg checks georeferencing itself (ingest refuses a raster without it unless
+        # ingest.allow_no_crs; microscopy works in pixels): rasterio's two-line warning only
+        # preceded that one-line error. For this process, the CLI's, not for library users.
+        from rasterio.errors import NotGeoreferencedWarning
+
+        warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
 
 def debug_enabled() -> bool:

@@ -269,18 +269,50 @@ def _compute(objs: tuple[Any, ...], label: str, progress: bool) -> tuple[Any, ..
     return tuple(out)
 
 
+class _LogLines:
+    """A stream for Dask's progress bars when stdout is not a terminal (a log file, a pipe,
+    a Prefect worker's log): each redraw (``\r`` + bar) becomes one line of its own, instead
+    of thousands of redraws joined into one line, and erase codes are dropped."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+
+    def write(self, text: str) -> int:
+        if text.startswith("\r"):
+            self._out.write(text[1:] + "\n")
+        elif text.strip() and not text.startswith("\33["):
+            self._out.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+
+#: Seconds between two progress lines when stdout is not a terminal (see :class:`_LogLines`).
+LOG_PROGRESS_EVERY_S = 10.0
+
+
 def _compute_in_order(objs: tuple[Any, ...], label: str, progress: bool) -> tuple[Any, ...]:
+    import sys
+
     client = current_client()
     if progress:
         print(f"[tileseg] {label}", flush=True)
+    terminal = sys.stdout.isatty()
     if client is not None:
         futures = client.compute(list(objs))
         try:
             if progress:
+                from contextlib import redirect_stdout
+
                 from distributed import progress as dprogress
 
-                dprogress(futures, notebook=False)
-                print(flush=True)
+                if terminal:
+                    dprogress(futures, notebook=False)
+                    print(flush=True)
+                else:  # distributed's bar writes to sys.stdout itself
+                    with redirect_stdout(_LogLines(sys.stdout)):
+                        dprogress(futures, notebook=False, interval=f"{LOG_PROGRESS_EVERY_S:g}s")
             return tuple(client.gather(futures))
         except BaseException:
             _settle(client, futures)
@@ -288,7 +320,8 @@ def _compute_in_order(objs: tuple[Any, ...], label: str, progress: bool) -> tupl
     if progress:
         from dask.diagnostics import ProgressBar
 
-        ctx: Any = ProgressBar(minimum=0.5)
+        ctx: Any = (ProgressBar(minimum=0.5) if terminal else
+                    ProgressBar(minimum=0.5, dt=LOG_PROGRESS_EVERY_S, out=_LogLines(sys.stdout)))  # fmt: skip
     else:
         ctx = nullcontext()
     if dask.config.get("scheduler", None) not in (None, "threads", "threading"):

@@ -307,6 +307,11 @@ def load_report(path: str | Path) -> dict[str, Any]:
     from pipeline.io.files import read_json
 
     doc = read_json(path)
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    if kind in ("instances", "panoptic"):
+        what = "an object-level (instances)" if kind == "instances" else "a panoptic"
+        raise InputError(f"{path} is {what} report; `tileseg compare` compares semantic report.json files "
+                         "(from `tileseg evaluate` or a land-cover run)")  # fmt: skip
     if not isinstance(doc, dict) or "classes" not in doc or "aggregates" not in doc:
         raise InputError(f"{path} is not a tileseg report.json (schema {SCHEMA_VERSION}); re-run tileseg evaluate")
     return doc

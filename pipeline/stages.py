@@ -169,8 +169,9 @@ def ingest_microscopy(
         ds.attrs["pixel_size_um"] = ds[zstore.IMAGE].attrs["pixel_size_um"] = [float(v) for v in pixel_size]
     ds.attrs["source"] = str(source)
     _write_new_store(ds, Path(store), [Path(source)], cfg.chunk_size, progress)
-    log.info("ingested %d channels %s, %d x %d px (pixel size %s um) -> %s", len(names), names, grid.width,
-             grid.height, pixel_size or "unknown", store)  # fmt: skip
+    size = f"pixel size {' x '.join(f'{v:g}' for v in pixel_size)} um (y, x)" if pixel_size else "pixel size unknown"
+    log.info("ingested %d channels %s, %d x %d px (%s) -> %s", len(names), names, grid.width, grid.height, size,
+             store)  # fmt: skip
     return Path(store)
 
 

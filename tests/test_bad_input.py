@@ -122,6 +122,15 @@ def test_raster_without_crs_needs_the_flag(tmp_path):
     np.testing.assert_array_equal(ds["image"].values, img)
 
 
+def test_raster_without_any_georeferencing_is_one_line(tmp_path):
+    """No CRS and no transform: rasterio's two-line NotGeoreferencedWarning came first."""
+    tif = tmp_path / "bare.tif"
+    with rasterio.open(tif, "w", driver="GTiff", width=40, height=30, count=1, dtype="uint8") as dst:
+        dst.write(np.ones((1, 30, 40), np.uint8))
+    _fails(_run("ingest", str(tif), str(tmp_path / "s.zarr"), *FAST), "no georeferencing", "ingest.allow_no_crs")
+    _nothing_at(tmp_path / "s.zarr")
+
+
 def test_ground_truth_that_does_not_overlap(small, tmp_path):
     far = synth.write_tif(tmp_path / "far.tif", small["classes"], nodata=255, origin=(500000.0, 4000000.0))
     out = tmp_path / "rep"

@@ -84,6 +84,14 @@ def test_compare_refuses_different_class_lists(reports, tmp_path):
     assert res.output.strip().count("\n") == 0 and "different class lists" in res.output
 
 
+def test_compare_names_an_instance_report(reports, tmp_path):
+    inst = tmp_path / "report_instances.json"
+    inst.write_text(json.dumps({"kind": "instances", "metrics": {}}))
+    res = CliRunner().invoke(app, ["compare", str(reports["a"][1]), str(inst)])
+    assert res.exit_code == 1
+    assert res.output.strip().count("\n") == 0 and "is an object-level (instances) report" in res.output
+
+
 def test_area_config_forms(tmp_path):
     cfg = load_config(None, ["evaluate.area={xmin: 0, ymin: 0, xmax: 10, ymax: 10}"])
     assert cfg.evaluate.area.bbox.xmax == 10

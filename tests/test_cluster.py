@@ -135,3 +135,28 @@ def test_chunk_errors_keep_their_type_and_errno_across_processes():
     assert type(bad) is InputError and str(bad).endswith(": no such band")
     bug = chunk_error(KeyError("k"), "segment", info)
     assert isinstance(bug, ChunkError) and "KeyError" in str(bug) and not isinstance(bug, OSError)
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "distributed"])
+def test_progress_in_a_log_is_one_line_per_update(scheduler, capsys, monkeypatch):
+    """stdout that is not a terminal (a log file, a Prefect worker): each progress update is
+    a line of its own, not hundreds of carriage-return redraws on one line."""
+    import time
+
+    import dask.array as da
+
+    from pipeline import cluster
+
+    monkeypatch.setattr(cluster, "LOG_PROGRESS_EVERY_S", 0.3)
+    slow = da.ones((12,), chunks=1).map_blocks(lambda b: (time.sleep(0.1), b)[1])
+    cfg = DaskConfig(scheduler=scheduler, n_workers=1, threads_per_worker=1, progress=True)
+    with dask_client(cfg):
+        capsys.readouterr()
+        (total,) = cluster.compute(slow.sum(), label="slow sum", progress=True)
+    assert total == 12
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\x1b" not in out
+    lines = [x for x in out.splitlines() if x.strip()]
+    assert lines[0] == "[tileseg] slow sum"
+    bars = lines[1:]
+    assert len(bars) >= 2 and all("% Completed" in b for b in bars) and "100% Completed" in bars[-1]
