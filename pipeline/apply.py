@@ -30,6 +30,7 @@ from pipeline.grid import Grid, block_window, bbox_mask, chunk_sizes
 from pipeline.io.raster import BandSource, read_onto_grid, read_window
 from pipeline.io.vector import area_window, rasterize_window
 from pipeline.metrics import EXCLUSION_REASONS, chunk_counts, error_codes, exclusion_codes
+from pipeline.nodata import missing
 from pipeline.segment.classical import Expression, KMeansModel, histogram, integer_bin_edges
 
 
@@ -155,12 +156,11 @@ def read_image(sources: list[BandSource], grid: Grid, chunk: int, resampling: st
 
 
 def valid_mask(image: da.Array, band_idx: list[int], nodata: float | None) -> da.Array:
-    """(y, x) bool: True where none of the bands ``band_idx`` equals ``nodata``."""
-    if nodata is None:
+    """(y, x) bool: True where none of the bands ``band_idx`` is missing (equal to ``nodata``,
+    or NaN in a float raster: :func:`pipeline.nodata.missing`)."""
+    if nodata is None and image.dtype.kind != "f":
         return da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
-    if np.isnan(nodata):
-        return ~da.isnan(image[band_idx]).any(axis=0)
-    return ~(image[band_idx] == nodata).any(axis=0)
+    return ~missing(image[band_idx], nodata).any(axis=0)
 
 
 def read_store_image(store: str, shape: tuple[int, int, int], chunks: tuple[tuple[int, ...], ...], dtype: Any,
@@ -225,7 +225,7 @@ class IndexKernel:
         v = self.expr.evaluate(dict(zip(self.expr.names, used)))
         bad = ~np.isfinite(v)
         if self.nodata is not None:
-            bad |= (np.isnan(used) if np.isnan(self.nodata) else used == self.nodata).any(axis=0)
+            bad |= missing(used, self.nodata).any(axis=0)
         return np.where(bad, np.nan, v)
 
     def integer_band(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -462,13 +462,11 @@ def raster_area_mask(path: str, grid: Grid, chunks: tuple[tuple[int, ...], tuple
 
 
 def image_valid(image: da.Array, nodata: float | None) -> da.Array:
-    """Lazy bool (y, x): False where EVERY band of ``image`` (band, y, x) is ``nodata`` (or NaN
-    for a NaN nodata); True everywhere when there is no nodata value."""
-    if nodata is None:
+    """Lazy bool (y, x): False where EVERY band of ``image`` (band, y, x) is missing (equal to
+    ``nodata``, or NaN in a float raster: :func:`pipeline.nodata.missing`)."""
+    if nodata is None and image.dtype.kind != "f":
         return da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
-    if np.isnan(nodata):
-        return ~da.isnan(image).all(axis=0)
-    return ~(image == nodata).all(axis=0)
+    return ~missing(image, nodata).all(axis=0)
 
 
 def confusion(
@@ -505,10 +503,8 @@ def argmax_valid_labels(out: da.Array, nodata: int, where: str = "segment (unet)
 
 
 def any_band_valid(image: da.Array, nodata: float | None) -> da.Array:
-    """(y, x) bool: True where at least one band is not nodata."""
-    if nodata is None:
-        return da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
-    return (image != nodata).any(axis=0)
+    """(y, x) bool: True where at least one band is not missing (:func:`image_valid`)."""
+    return image_valid(image, nodata)
 
 
 def evaluation(

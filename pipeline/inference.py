@@ -37,6 +37,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from pipeline.apply import in_chunk
 from pipeline.blend import WindowGrid, add_blocks, block_shape, normalise_sums, window_blocks, window_sums, window_weights
 from pipeline.grid import column_strips
+from pipeline.nodata import missing
 
 GPU_RESOURCES = {"resources": {"GPU": 1}}
 
@@ -99,7 +100,7 @@ def _block_sums(store: str, band_idx: list[int], shape: tuple[int, int], oy: np.
     net, spec = cached_model(model_path, device, compile)
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        valid = None if nodata is None else ~(batch == nodata).all(axis=1)
+        valid = None if nodata is None and batch.dtype.kind != "f" else ~missing(batch, nodata).all(axis=1)
         with _MODEL_LOCK if serial else contextlib.nullcontext():  # normalised on the device
             return predict_probabilities(net, batch, device, as_tensor=True, spec=spec, valid=valid)
 
@@ -114,7 +115,7 @@ def _block_sums(store: str, band_idx: list[int], shape: tuple[int, int], oy: np.
     # one more channel: 1 where any model band has data (the labels' validity), from the same read
     (a, c), (r0, r1), (c0, c1) = read["at"], rows, cols
     block = read["data"][:, r0 - a : r1 - a, c0 - c : c1 - c]
-    valid = np.ones(block.shape[1:], bool) if nodata is None else ~(block == nodata).all(axis=0)
+    valid = ~missing(block, nodata).all(axis=0)
     return np.concatenate([sums, valid[None].astype(np.float32)])
 
 

@@ -44,6 +44,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.grid import Grid, iter_windows
 from pipeline.io import raster as rio_io
 from pipeline.io import store as zstore
+from pipeline.nodata import fits, missing, same_nodata
 from pipeline.segment.classical import Expression, fit_kmeans, integer_bin_edges, majority_mapping, otsu_threshold
 
 log = logging.getLogger("tileseg")
@@ -72,18 +73,17 @@ def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool =
 
     Raises:
         RasterIOError: an input is missing or unreadable, or the store cannot be written.
-        InputError: inconsistent inputs (band names, CRS); ``store`` is not a store or is an input.
+        InputError: inconsistent inputs (band names, CRS, different nodata values), a nodata
+            value outside a band's dtype; ``store`` is not a store or is an input.
         OutputExistsError: ``store`` was ingested from other inputs (and not ``overwrite``).
     """
     bands = rio_io.describe_sources(sources, cfg.band_names)
     grid = rio_io.target_grid(bands, cfg.grid.reference, cfg.grid.resolution, cfg.allow_no_crs)
-    nodata = cfg.nodata
-    if nodata is None:
-        file_nodata = {b.nodata for b in bands}
-        if len(file_nodata) == 1:
-            nodata = file_nodata.pop()
-        else:
-            log.warning("inputs disagree on nodata (%s); none is used. Set ingest.nodata to choose one", file_nodata)
+    nodata = cfg.nodata if cfg.nodata is not None else _common_nodata(bands)
+    for b in bands:
+        if nodata is not None and not fits(nodata, b.dtype):
+            raise InputError(f"nodata {nodata:g} cannot occur in {Path(b.path).name} ({b.name}, {b.dtype}); set "
+                             "ingest.nodata to a value of its range")  # fmt: skip
     store = Path(store)
     if store.exists() and not (store / "zarr.json").is_file():
         raise InputError(f"{store} exists and is not a zarr store; refusing to overwrite it (choose another path)")
@@ -118,6 +118,32 @@ def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool =
     zstore.publish_dir(tmp, store)
     log.info("ingested %d bands, %d x %d px -> %s", len(bands), grid.width, grid.height, store)
     return store
+
+
+def _common_nodata(bands: list[rio_io.BandSource]) -> float | None:
+    """The inputs' nodata value: the one every band that declares a nodata value declares
+    (NaN equals NaN here). Bands without one take it too (logged): outside their extent the
+    store holds it, and their own pixels of that value count as missing.
+
+    Raises:
+        InputError: bands declare different values (the store has one nodata value).
+    """
+    declared: list[tuple[float, str]] = []
+    for b in bands:
+        if b.nodata is not None and not any(same_nodata(b.nodata, v) for v, _ in declared):
+            declared.append((b.nodata, Path(b.path).name))
+    if not declared:
+        return None
+    if len(declared) > 1:
+        found = ", ".join(f"{v:g} ({name})" for v, name in declared)
+        raise InputError(f"the inputs declare different nodata values: {found}; set ingest.nodata to the value "
+                         "that marks missing pixels")  # fmt: skip
+    value = declared[0][0]
+    undeclared = sorted({Path(b.path).name for b in bands if b.nodata is None})
+    if undeclared:
+        log.warning("%s declare(s) no nodata value; using %g, the other inputs' (set ingest.nodata to choose)",
+                    ", ".join(undeclared), value)  # fmt: skip
+    return value
 
 
 def ingest_microscopy(
@@ -505,7 +531,7 @@ def _read_chips(image, gt, gt_nodata: int, nodata, grid: Grid, area: AreaConfig,
     got = compute(*parts, label=f"train: reading the {label} area", progress=progress)
     img, lab = np.asarray(got[0]), np.asarray(got[1]).astype(np.int64)
     inside = np.asarray(got[2]) if mask is not None else np.ones(lab.shape, bool)
-    valid = np.ones(img.shape[1:], bool) if nodata is None else ~(img == nodata).all(axis=0)
+    valid = ~missing(img, nodata).all(axis=0)
     ignore = IGNORE if ignore is None else ignore
     unlabeled = (lab == gt_nodata) | ~valid | ~inside
     if to_target is not None:

@@ -158,3 +158,37 @@ def test_open_datasets_are_reused_per_thread_and_never_stale(tmp_path):
     before = dict(rio._HANDLES.datasets)
     rio.read_onto_grid(str(p), [1], g, w)  # without a session: opened and closed, nothing kept
     assert rio._HANDLES.datasets == before
+
+
+def test_nan_nodata_of_several_bands_is_kept(tmp_path):
+    """Four float32 bands with nodata NaN: {nan, nan, nan, nan} made four distinct set
+    members, so the inputs were said to disagree and no nodata was used."""
+    img = synth.bands_from_classes(synth.class_map(40, 50, seed=1), n_bands=4).astype(np.float32)
+    img[:, :5] = np.nan
+    tifs = [synth.write_tif(tmp_path / f"x_B0{i}.tif", img[i], nodata=np.nan) for i in range(4)]
+    store = stages.ingest(tifs, tmp_path / "s.zarr", IngestConfig(chunk_size=32), progress=False)
+    assert np.isnan(xr.open_zarr(store)["image"].attrs["nodata"])
+
+
+def test_a_band_without_nodata_takes_the_others_and_different_values_are_refused(tmp_path, caplog):
+    img = synth.bands_from_classes(synth.class_map(40, 50, seed=1), n_bands=3)
+    full = [synth.write_tif(tmp_path / f"x_B0{i}.tif", img[i], nodata=0) for i in range(2)]
+    # covers the top half of the grid only, and declares no nodata
+    half = synth.write_tif(tmp_path / "x_half.tif", img[2, :20])
+    with caplog.at_level("WARNING", logger="tileseg"):
+        store = stages.ingest([*full, half], tmp_path / "s.zarr", IngestConfig(chunk_size=32), progress=False)
+    assert "x_half.tif declare(s) no nodata value; using 0" in caplog.text
+    ds = xr.open_zarr(store)
+    assert ds["image"].attrs["nodata"] == 0
+    assert (ds["image"].values[2, 20:] == 0).all()  # outside its extent: nodata, not data
+    np.testing.assert_array_equal(ds["image"].values[2, :20], img[2, :20])
+    other = synth.write_tif(tmp_path / "x_B09.tif", img[2], nodata=65535)
+    with pytest.raises(InputError, match=r"different nodata values: 0 \(x_B00.tif\), 65535 \(x_B09.tif\)"):
+        stages.ingest([*full, other], tmp_path / "o.zarr", IngestConfig(chunk_size=32), progress=False)
+
+
+@pytest.mark.parametrize("value", [70000.0, -1.0, float("nan"), 2.5])
+def test_a_nodata_value_the_dtype_cannot_hold_is_refused(scene, tmp_path, value):
+    with pytest.raises(InputError, match="cannot occur in .*uint16.*ingest.nodata"):
+        stages.ingest([scene["tif"]], tmp_path / "s.zarr", IngestConfig(chunk_size=256, nodata=value),
+                      progress=False)  # fmt: skip

@@ -83,6 +83,27 @@ def test_nodata_where_all_bands_are_nodata(odd_scene, tiny_model, tmp_path):
     assert (lab[5:, 5:] != 255).all()
 
 
+@pytest.mark.parametrize("declared", [float("nan"), None])
+def test_nan_pixels_are_nodata_and_do_not_spoil_their_neighbours(odd_scene, tiny_model, tmp_path, declared):
+    """A float32 raster with NaN nodata (declared or not): NaN reached the model, its
+    pixels came out as class 0 and the NaN spread to the labels of valid pixels around."""
+    tif, img = odd_scene
+    zeros = img.astype(np.float32)
+    zeros[:, 200:240, 300:340] = 0  # the uint16 scene's nodata: the reference
+    nans = img.astype(np.float32)
+    nans[nans == 0] = np.nan
+    nans[:, 200:240, 300:340] = np.nan
+    nans[1, 100:110, 100:110] = np.nan  # one band of valid pixels: taken as that band's mean
+    zeros[1, 100:110, 100:110] = tiny_spec().mean[1]
+    ref_tif = synth.write_tif(tmp_path / "zeros.tif", zeros, nodata=0, names=BANDS)
+    nan_tif = synth.write_tif(tmp_path / "nans.tif", nans, nodata=declared, names=BANDS)
+    ref = _segment(ref_tif, tmp_path / "ref", 256, tiny_model)
+    got = _segment(nan_tif, tmp_path / "nan", 256, tiny_model)
+    assert (got["labels"].values[200:240, 300:340] == 255).all()
+    np.testing.assert_array_equal(got["labels"].values, ref["labels"].values)
+    assert np.isfinite(got["probabilities"].values).all()
+
+
 def test_checkpoint_with_other_bands_is_refused(odd_scene, tmp_path):
     tif, _ = odd_scene
     spec = tiny_spec(bands=["B02", "B03", "B11", "B12"])

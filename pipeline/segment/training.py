@@ -47,11 +47,13 @@ class Chips:
 
 
 def band_statistics(chips: Chips) -> tuple[list[float], list[float]]:
-    """Per-band mean and standard deviation over valid pixels (input units), float64 sums."""
+    """Per-band mean and standard deviation over valid pixels (input units), float64 sums;
+    non-finite values (NaN of one band of a valid pixel) are left out."""
     c = chips.images.shape[1]
     means, stds = [], []
     for b in range(c):
         v = chips.images[:, b][chips.valid].astype(np.float64)
+        v = v[np.isfinite(v)]
         if v.size == 0:
             raise InputError("no valid pixel in the training chips")
         means.append(float(v.mean()))

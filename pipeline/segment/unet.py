@@ -264,7 +264,8 @@ def predict_probabilities(net, batch: np.ndarray, device: str, as_tensor: bool =
             :func:`pipeline.blend.window_sums` on a GPU) instead of a numpy array.
         spec: normalise with its per-band ``mean`` and ``std``.
         valid: (N, H, W) bool, with ``spec``: pixels where it is False are set to 0 (the
-            band mean).
+            band mean). With ``spec``, non-finite values (NaN) of a float batch are set to 0
+            as well: a NaN would spread through the convolutions to the neighbours.
 
     Returns:
         float32 (N, K, H, W), summing to 1 over K: numpy, or a torch tensor with ``as_tensor``.
@@ -280,6 +281,8 @@ def predict_probabilities(net, batch: np.ndarray, device: str, as_tensor: bool =
             x = x.clone(memory_format=torch.channels_last)  # never change the caller's array
         x.sub_(torch.tensor(spec.mean, dtype=torch.float32, device=device)[None, :, None, None])
         x.div_(torch.tensor(spec.std, dtype=torch.float32, device=device)[None, :, None, None])
+        if batch.dtype.kind == "f":  # NaN (or inf) of one band of a valid pixel: the band mean
+            x.masked_fill_(~torch.isfinite(x), 0.0)
         if valid is not None:
             x.mul_(torch.from_numpy(np.ascontiguousarray(valid)).to(device)[:, None])
     try:
@@ -300,10 +303,13 @@ def predict_probabilities(net, batch: np.ndarray, device: str, as_tensor: bool =
 
 def normalise(batch: np.ndarray, spec: ModelSpec, valid: np.ndarray | None = None) -> np.ndarray:
     """(N, C, H, W) input units -> float32 ``(x - mean) / std`` per band; pixels where
-    ``valid`` (N, H, W) is False are set to 0 (the band mean)."""
+    ``valid`` (N, H, W) is False, and non-finite values of a float batch, are set to 0 (the
+    band mean)."""
     mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
     out = (batch.astype(np.float32) - mean) / std
+    if batch.dtype.kind == "f":  # NaN (or inf) of one band of a valid pixel: the band mean
+        out[~np.isfinite(out)] = 0.0
     if valid is not None:
         out *= valid[:, None, :, :]
     return out
