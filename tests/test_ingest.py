@@ -192,3 +192,30 @@ def test_a_nodata_value_the_dtype_cannot_hold_is_refused(scene, tmp_path, value)
     with pytest.raises(InputError, match="cannot occur in .*uint16.*ingest.nodata"):
         stages.ingest([scene["tif"]], tmp_path / "s.zarr", IngestConfig(chunk_size=256, nodata=value),
                       progress=False)  # fmt: skip
+
+
+def test_a_band_in_another_crs_does_not_move_the_store_into_it(tmp_path, caplog):
+    """The finest band was picked by comparing pixel sizes in degrees with metres: one
+    EPSG:4326 band (about 0.0001 deg) took the whole store into EPSG:4326."""
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.warp import calculate_default_transform, reproject
+
+    img = synth.bands_from_classes(synth.class_map(60, 80, seed=2), n_bands=3)
+    utm = [synth.write_tif(tmp_path / f"x_B0{i}.tif", img[i], nodata=0) for i in range(2)]
+    with rasterio.open(utm[0]) as src:
+        transform, width, height = calculate_default_transform(src.crs, "EPSG:4326", src.width, src.height,
+                                                               *src.bounds)  # fmt: skip
+        geo = np.zeros((height, width), img.dtype)
+        reproject(img[2], geo, src_transform=src.transform, src_crs=src.crs, dst_transform=transform,
+                  dst_crs="EPSG:4326")  # fmt: skip
+    deg = tmp_path / "x_B09.tif"
+    with rasterio.open(deg, "w", driver="GTiff", width=width, height=height, count=1, dtype=geo.dtype,
+                       crs="EPSG:4326", transform=transform, nodata=0) as dst:  # fmt: skip
+        dst.write(geo[None])
+    with caplog.at_level("INFO", logger="tileseg"):
+        store = stages.ingest([*utm, deg], tmp_path / "s.zarr", IngestConfig(chunk_size=32), progress=False)
+    ds = xr.open_zarr(store)
+    assert ds.rio.crs == CRS.from_string(synth.CRS) and ds["image"].shape == (3, 60, 80)
+    assert "inputs in 2 CRSs" in caplog.text and "x_B09.tif reprojected" in caplog.text
+    np.testing.assert_array_equal(ds["image"].values[:2], img[:2])

@@ -7,6 +7,7 @@ This module and its siblings in ``pipeline.io`` are the only places that open fi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -31,6 +32,8 @@ from rasterio.windows import Window
 from pipeline.errors import InputError, MissingFileError, RasterIOError, io_failure
 from pipeline.grid import Grid
 from pipeline.io.files import usable_cpus
+
+log = logging.getLogger("tileseg")
 
 
 @dataclass(frozen=True)
@@ -196,8 +199,10 @@ def target_grid(
 ) -> Grid:
     """The grid all bands are resampled onto.
 
-    The reference band's grid (default: the band with the smallest pixel size,
-    first on ties); with ``resolution`` (map units), the same extent at that pixel size
+    The reference band's grid (default: the band with the smallest pixel size, first on
+    ties, among the bands in the CRS most bands share, first on ties: pixel sizes in
+    degrees and in metres are not comparable, and a lone band in another CRS must not
+    move the whole store into it); with ``resolution`` (map units), the same extent at that pixel size
     (shape rounded to whole pixels). With ``allow_no_crs``, inputs without a CRS are
     taken in their own transform's units (pixel coordinates when the transform is the
     identity); otherwise they are refused.
@@ -212,7 +217,13 @@ def target_grid(
             raise InputError(f"ingest.grid.reference {reference!r} is not a band; bands are {list(by_name)}")
         ref = by_name[reference]
     else:
-        ref = min(sources, key=lambda s: abs(s.grid.transform.a * s.grid.transform.e))
+        groups = _by_crs(sources)
+        members = max(groups, key=len)  # max keeps the first of equal lengths
+        if len(groups) > 1:
+            others = sorted({Path(s.path).name for g in groups if g is not members for s in g})
+            log.info("inputs in %d CRSs: the target grid is in %s, the CRS of most bands; %s reprojected", len(groups),
+                     _crs_name(members[0].grid.crs_wkt), ", ".join(others))  # fmt: skip
+        ref = min(members, key=lambda s: abs(s.grid.transform.a * s.grid.transform.e))
     grid = ref.grid
     if grid.crs_wkt is None and not allow_no_crs:
         what = "no georeferencing (no CRS, identity transform)" if grid.transform.is_identity else "no CRS"
@@ -229,12 +240,33 @@ def target_grid(
     return grid
 
 
+def _same_crs(a: str | None, b: str | None) -> bool:
+    """Same CRS, compared as CRSs (not as WKT text); None only equals None."""
+    return a == b or (a is not None and b is not None and CRS.from_wkt(a) == CRS.from_wkt(b))
+
+
+def _by_crs(sources: list[BandSource]) -> list[list[BandSource]]:
+    """The sources grouped by CRS, groups and members in input order."""
+    groups: list[list[BandSource]] = []
+    for s in sources:
+        group = next((g for g in groups if _same_crs(g[0].grid.crs_wkt, s.grid.crs_wkt)), None)
+        if group is None:
+            groups.append([s])
+        else:
+            group.append(s)
+    return groups
+
+
+def _crs_name(wkt: str | None) -> str:
+    if wkt is None:
+        return "no CRS"
+    crs = CRS.from_wkt(wkt)
+    return crs.to_string() if crs.to_epsg() else crs.to_wkt()[:60]
+
+
 def same_grid(a: Grid, b: Grid) -> bool:
     """Same CRS (compared as CRSs, not as WKT text), shape and transform (to 1e-9)."""
-    same_crs = a.crs_wkt == b.crs_wkt or (
-        a.crs_wkt is not None and b.crs_wkt is not None and CRS.from_wkt(a.crs_wkt) == CRS.from_wkt(b.crs_wkt)
-    )
-    return same_crs and a.shape == b.shape and a.transform.almost_equals(b.transform, precision=1e-9)
+    return _same_crs(a.crs_wkt, b.crs_wkt) and a.shape == b.shape and a.transform.almost_equals(b.transform, precision=1e-9)
 
 
 def read_onto_grid(
