@@ -9,7 +9,9 @@ added by ``flows.cli``, so that this library never imports Prefect.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +45,11 @@ OverwriteOpt = Annotated[bool, typer.Option(
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
     _state["debug"] = debug
+    # SIGTERM (a scheduler, `kill`, a container stopping) unwinds like Ctrl-C: temporaries are
+    # removed, a LocalCluster and Prefect's temporary API server are shut down. By default
+    # the process died at once and left Prefect's server running, orphaned.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     logger = logging.getLogger("tileseg")
     if not logger.handlers:
         handler = logging.StreamHandler()
@@ -61,6 +68,11 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
         warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    _state["signal"] = signum
+    raise KeyboardInterrupt
+
+
 def debug_enabled() -> bool:
     """Whether ``tileseg --debug`` was given (tracebacks wanted)."""
     return bool(_state["debug"])
@@ -73,8 +85,9 @@ def guarded(fn: Callable[[], T]) -> T:
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
-        raise typer.Exit(130) from None
+        signum = _state.get("signal") or signal.SIGINT
+        typer.echo(f"error: interrupted ({signal.Signals(signum).name})", err=True)
+        raise typer.Exit(128 + signum) from None
     except TilesegError as exc:
         if _state["debug"]:
             raise

@@ -114,6 +114,25 @@ def test_sigkill_during_segment_then_rerun_computes_only_the_missing_chunks(fres
     assert not (store / "labels_partial").exists() and not (store / "labels" / zstore.DONE_DIR).exists()
 
 
+def test_sigterm_during_segment_unwinds_like_ctrl_c(fresh_store, reference, tmp_path):
+    """SIGTERM killed the process at once (no error line; `tileseg run` left Prefect's
+    temporary server running); now it unwinds as Ctrl-C does, with its own exit status."""
+    store = _copy(fresh_store, tmp_path / "s.zarr")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(_segment_cli(store), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while len(_markers(store)) < 10 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "error: interrupted (SIGTERM)" and "Traceback" not in err
+    assert "labels" not in xr.open_zarr(store)  # nothing complete-looking was published
+    rerun = subprocess.run(_segment_cli(store), env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "chunks were already written" in rerun.stderr, rerun.stderr
+    assert _chunk_files(store) == _chunk_files(reference)
+
+
 def test_a_killed_dask_worker_is_replaced_and_the_labels_are_unchanged(fresh_store, reference, tmp_path):
     from distributed import Client, LocalCluster
 
@@ -480,3 +499,28 @@ def test_cli_overwrite_flag(raster, tmp_path):
                             text=True, timeout=300)  # fmt: skip
     assert forced.returncode == 0, forced.stderr
     assert zstore.read_root_attrs(store)["tileseg_ingest"]["inputs"][0]["path"] == str(Path(other).absolute())
+
+
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(fresh_store, tmp_path):
+    """SIGKILL during stitch or evaluate left hidden temporaries that no later run removed."""
+    from pipeline.io import files
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    cog = tmp_path / "labels.tif"
+    old = time.time() - 2 * files.STALE_AFTER_S
+    stale = [tmp_path / f".labels.tif.cog-{dead}.tmp.tif", tmp_path / f".labels.tif.cog-{dead}.tmp.tif.ovr.tmp",
+             tmp_path / f".labels.tif.tiled-{dead}.tmp.tif", tmp_path / f".labels.tif.{dead}.tmp"]  # fmt: skip
+    kept = [tmp_path / f".labels.tif.cog-{os.getpid()}9.tmp.tif",  # recent: maybe a writer on another host
+            tmp_path / f".labels.tif.tiled-{os.getppid()}.tmp.tif",  # a live process
+            tmp_path / ".labels.tif.notes"]  # fmt: skip
+    for p in stale + kept:
+        p.write_bytes(b"partial")
+    for p in stale + kept[1:]:
+        os.utime(p, (old, old))
+    store = _copy(fresh_store, tmp_path / "s.zarr")
+    stages.segment(store, FIXED, progress=False)
+    stages.stitch(store, cog, StitchConfig(), progress=False)
+    assert cog.is_file()
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)

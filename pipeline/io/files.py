@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, MissingFileError, RasterIOError, io_failure
+
+log = logging.getLogger("tileseg")
 
 #: Files that make up one Shapefile dataset, hashed together.
 _SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
@@ -76,8 +81,59 @@ def read_json(path: str | Path) -> Any:
 
 
 def tmp_sibling(path: Path) -> Path:
-    """A hidden temporary name next to ``path`` (same filesystem, so a rename is atomic)."""
+    """A hidden temporary name next to ``path`` (same filesystem, so a rename is atomic);
+    stale temporaries of ``path`` are removed first (:func:`remove_stale_temporaries`)."""
+    remove_stale_temporaries(path)
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+#: A temporary is stale when its writer's process is gone and it has not changed for this
+#: long (seconds): a writer on another host of a shared filesystem has a pid unknown here,
+#: but it keeps its file changing.
+STALE_AFTER_S = 600.0
+
+_TMP_PID = re.compile(r"[.-](\d+)\.(?:tmp|partial)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the hidden temporaries that writers of ``path`` killed by SIGKILL (or a power
+    cut) left beside it: ``.<name>.<pid>.tmp``, ``.<name>.<tag>-<pid>.tmp.tif`` (and GDAL's
+    ``.ovr.tmp`` beside it), ``.<name>.<pid>.partial``, whose process no longer runs and
+    which have not changed for :data:`STALE_AFTER_S`. Returns what was removed."""
+    import shutil
+    import time
+
+    path = Path(path)
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        m = _TMP_PID.search(tmp.name[len(path.name) + 1 :])
+        try:
+            if m is None or _alive(int(m.group(1))) or now - tmp.stat().st_mtime < STALE_AFTER_S:
+                continue
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            continue
+        removed.append(tmp)
+    if removed:
+        log.info("removed %d stale temporary file(s) of %s left by a killed run", len(removed), path)
+    return removed
+
 
 
 def publish_texts(items: list[tuple[Path, str]], written: list[tuple[Path, Path]] | None = None) -> None:

@@ -38,6 +38,7 @@ import dask.array as da
 import numpy as np
 
 from pipeline.errors import InputError, RasterIOError
+from pipeline.io.files import remove_stale_temporaries
 
 #: Uncompressed size from which a TIFF is written as BigTIFF (tifffile's own threshold).
 BIGTIFF_FROM = 2**32 - 2**25
@@ -161,6 +162,7 @@ def write_ome_zarr(
     unit = "micrometer" if pixel_size_um is not None else None
     fmt = FormatV05()
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -245,6 +247,7 @@ def write_tiled_tiff(
     if tags:
         extra["extratags"] = [(GDAL_METADATA_TAG, "s", 0, gdal_metadata_xml(tags), True)]
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         tifffile.imwrite(

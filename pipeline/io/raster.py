@@ -31,7 +31,7 @@ from rasterio.windows import Window
 
 from pipeline.errors import InputError, MissingFileError, RasterIOError, io_failure
 from pipeline.grid import Grid
-from pipeline.io.files import usable_cpus
+from pipeline.io.files import remove_stale_temporaries, usable_cpus
 
 log = logging.getLogger("tileseg")
 
@@ -359,6 +359,7 @@ def read_window(path: str | Path, window: Window, band: int = 1) -> np.ndarray:
 
 
 def _tmp_sibling(path: Path, tag: str) -> Path:
+    remove_stale_temporaries(path)
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}.tmp.tif")
 
 
