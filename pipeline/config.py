@@ -114,7 +114,8 @@ class ThresholdConfig(_Model):
         default="(B03 - B08) / (B03 + B08)",
         description="A band name or an arithmetic expression over band names (+ - * / ** and parentheses).",
     )
-    value: float | None = Field(default=None, description="Fixed threshold. None: Otsu on the whole-raster histogram.")
+    value: float | None = Field(default=None, allow_inf_nan=False,
+                                description="Fixed threshold. None: Otsu on the whole-raster histogram.")  # fmt: skip
     bins: int = Field(
         default=1024, ge=16, le=1_000_000,
         description="Histogram bins for Otsu. A bare 8- or 16-bit integer band uses one bin per value instead.",
@@ -429,9 +430,22 @@ class DaskConfig(_Model):
     )
     n_workers: int = Field(default=2, ge=1)
     threads_per_worker: int = Field(default=1, ge=1)
-    memory_limit: str = Field(default="4GiB", description="Per worker, for the LocalCluster.")
+    memory_limit: str = Field(default="4GiB", description="Per worker, for the LocalCluster: bytes ('4GiB', "
+                              "'6 GB') or 'auto' (the machine's memory shared by the workers).")  # fmt: skip
     processes: bool = Field(default=True, description="LocalCluster workers as processes (True) or threads.")
     progress: bool = Field(default=True, description="Show a progress bar for each stage.")
+    @field_validator("memory_limit")
+    @classmethod
+    def _bytes(cls, v: str) -> str:
+        from dask.utils import parse_bytes
+
+        if v != "auto":
+            try:
+                parse_bytes(v)
+            except (ValueError, TypeError):
+                raise ValueError(f"{v!r} is not an amount of memory (for example 4GiB) or 'auto'") from None
+        return v
+
     gpu_workers: Literal["auto", "off"] = Field(
         default="auto",
         description="'auto': without scheduler_address, with worker processes and GPUs present "

@@ -49,6 +49,7 @@ from pipeline.io import raster as rio_io
 from pipeline.io import store as zstore
 from pipeline.io import vector as vec_io
 from pipeline.metrics import EXCLUSION_REASONS, SemanticMetrics, semantic_metrics
+from pipeline.nodata import fits
 
 log = logging.getLogger("tileseg")
 
@@ -108,6 +109,8 @@ def ground_truth_array(gt: GroundTruthConfig, grid: Grid, chunks, class_names: l
     info = rio_io.raster_info(path)
     check_overlap(grid, info.grid.bounds(), info.grid.crs_wkt, f"ground truth {path}")
     nodata: float | None = gt.nodata if gt.nodata is not None else info.nodata
+    if gt.nodata is not None and not fits(gt.nodata, info.dtype):
+        raise InputError(f"ground-truth nodata {gt.nodata:g} cannot occur in {path} ({info.dtype})")
     if nodata is None:  # no nodata anywhere: the dtype's max (NaN for floats) marks "unlabeled" and "outside"
         dt = np.dtype(info.dtype)
         nodata = float("nan") if dt.kind == "f" else int(np.iinfo(dt).max)
@@ -146,6 +149,8 @@ def _prediction(pred: Path, chunk: int, nodata_override: int | None) -> _Predict
     grid = info.grid
     arr = apply.read_band(str(pred), (chunk_sizes(grid.height, chunk), chunk_sizes(grid.width, chunk)), info.dtype)
     names = json.loads(info.tags["CLASS_NAMES"]) if "CLASS_NAMES" in info.tags else []
+    if nodata_override is not None and not fits(nodata_override, info.dtype):
+        raise InputError(f"prediction nodata {nodata_override} cannot occur in {pred} ({info.dtype})")
     nodata = nodata_override if nodata_override is not None else (int(info.nodata) if info.nodata is not None else None)
     return _Prediction(arr, grid, nodata, names, info.colormap)
 
@@ -303,7 +308,7 @@ def evaluate(
     nodata where it has none), ``report.html``, ``report.md``, ``report.json``.
 
     Raises:
-        InputError: no class names, class ids outside the class list, an input that
+        InputError: no class names, class ids outside the class list, no pixel left to evaluate, an input that
             does not overlap the prediction, bad vector ground truth.
         ConfigError: a class named in ignore_classes or class_map is not in the class list.
         RasterIOError: unreadable inputs, unwritable outputs.
@@ -364,6 +369,10 @@ def evaluate(
                 f"truth; the class list {names} is incomplete (or set nodata / ignore_classes)"
             )
         del excluded["out_of_range"]
+        if counts[: k * k].sum() == 0:
+            why = ", ".join(f"{r.replace('_', ' ')} {n:,}" for r, n in excluded.items() if n)
+            raise InputError(f"no pixel left to evaluate: every pixel is excluded ({why}); check the ground "
+                             "truth's nodata and classes, the prediction's nodata, the area and the ignore lists")  # fmt: skip
         ignored = [c for c in gt_ignore + pred_ignore if 0 <= c < k]
         metrics = semantic_metrics(counts[: k * k].reshape(k, k), excluded, ignored)
         _write_error_map(tmp_errors, tmp_error_map, p.grid, err_nodata)

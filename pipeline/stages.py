@@ -445,10 +445,12 @@ def stitch(store: Path, out: Path, cfg: StitchConfig, classes: list[ClassInfo] |
         overwrite: replace the COG even when up to date or written by another run.
 
     Raises:
-        InputError: the store has no labels (run segment first).
+        InputError: the store has no labels (run segment first), ``out`` is a directory.
         RasterIOError: the COG cannot be written.
         OutputExistsError: ``out`` belongs to another run (and not ``overwrite``).
     """
+    if Path(out).is_dir():
+        raise InputError(f"{out} is a directory; give the COG's file name (for example {Path(out) / 'labels.tif'})")
     ds = zstore.open_store(store)
     if zstore.LABELS not in ds:
         raise InputError(f"{store} has no labels; run `tileseg segment {store}` first")

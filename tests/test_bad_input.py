@@ -199,8 +199,10 @@ def test_pickle_checkpoint_is_refused_and_never_executed(small, tmp_path):
         (lambda c: c.update(segmnt={"method": "threshold"}), "segmnt"),
         (lambda c: c["ingest"].update(chunk_size="big"), "ingest.chunk_size"),
         (lambda c: c["segment"]["unet"].update(overlap=2), "segment.unet.overlap"),
+        (lambda c: c.setdefault("dask", {}).update(memory_limit="lots"), "dask.memory_limit"),
+        (lambda c: c["segment"].setdefault("threshold", {}).update(value=float("nan")), "segment.threshold.value"),
     ],
-    ids=["unknown-key", "wrong-type", "out-of-range"],
+    ids=["unknown-key", "wrong-type", "out-of-range", "memory-limit", "nan-threshold"],
 )
 def test_config_with_unknown_keys_or_wrong_types(small, tmp_path, repo_root, edit, field):
     cfg = yaml.safe_load((repo_root / "config" / "default.yaml").read_text())
@@ -210,6 +212,37 @@ def test_config_with_unknown_keys_or_wrong_types(small, tmp_path, repo_root, edi
     path.write_text(yaml.safe_dump(cfg))
     _fails(_run("ingest", str(small["tif"]), str(tmp_path / "s.zarr"), "--config", str(path)), field)
     _nothing_at(tmp_path / "s.zarr")
+
+
+def test_a_zarr_store_where_a_raster_is_expected(small, tmp_path):
+    """It read as a raster with no band: `IndexError: No such band index: 1`."""
+    out = tmp_path / "ev"
+    _fails(_run("evaluate", str(small["cog"]), str(small["store"]), "--classes", "a,b", "--out-dir", str(out)),
+           "has no raster bands", "zarr store")  # fmt: skip
+    assert not (out / "report.json").exists()
+    _fails(_run("stitch", str(small["store"]), str(small["store"]), *FAST), "is a directory", "labels.tif")
+
+
+def test_compare_of_a_file_that_is_not_json(small, tmp_path):
+    _fails(_run("compare", str(small["cog"]), str(small["cog"])), "labels.tif", "not a JSON text file")
+
+
+def test_ground_truth_without_a_labelled_pixel(small, tmp_path):
+    """Every pixel unlabeled: a complete-looking report of 'evaluated 0 px', exit status 0."""
+    gt = synth.write_tif(tmp_path / "gt.tif", np.full(small["classes"].shape, 255, np.uint8), nodata=255)
+    out = tmp_path / "ev"
+    _fails(_run("evaluate", str(small["cog"]), str(gt), "--classes", "a,b", "--out-dir", str(out)),
+           "no pixel left to evaluate", "unlabeled ground truth")  # fmt: skip
+    assert not (out / "report.json").exists() and not (out / "error_map.tif").exists()
+
+
+@pytest.mark.parametrize("option, value, what", [("--pred-nodata", "300", "prediction nodata 300"),
+                                                 ("--gt-nodata", "-1", "ground-truth nodata -1")])  # fmt: skip
+def test_a_nodata_value_the_raster_cannot_hold(small, tmp_path, option, value, what):
+    gt = synth.write_tif(tmp_path / "gt.tif", small["classes"].astype(np.uint8), nodata=255)
+    r = _run("evaluate", str(small["cog"]), str(gt), "--classes", "a,b", "--out-dir", str(tmp_path / "ev"),
+             option, value)  # fmt: skip
+    _fails(r, what, "cannot occur", "uint8")
 
 
 def _file_size_limit(limit: int):

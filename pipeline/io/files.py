@@ -76,6 +76,8 @@ def read_json(path: str | Path) -> Any:
         return json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{p} is not valid JSON ({exc})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{p} is not a JSON text file (it is not UTF-8 text)") from None
     except OSError as exc:
         raise RasterIOError(f"cannot read {p}: {exc}") from None
 

@@ -138,9 +138,13 @@ def _open(path: str | Path) -> rasterio.DatasetReader:
     if not p.exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
         raise MissingFileError(f"input raster not found: {path}")
     try:
-        return rasterio.open(path)
+        ds = rasterio.open(path)
     except RasterioError as exc:
         raise RasterIOError(f"cannot read {path} as a raster ({exc}); is it a valid GDAL raster?") from None
+    if ds.count == 0:
+        ds.close()
+        raise RasterIOError(f"{path} has no raster bands (a zarr store or a container?); give raster files")
+    return ds
 
 
 def _band_name_from_file(path: str) -> str:
@@ -166,8 +170,6 @@ def describe_sources(paths: Iterable[str | Path], band_names: list[str] | None =
     sources: list[BandSource] = []
     for path in paths:
         with _open(path) as ds:
-            if ds.count == 0:
-                raise RasterIOError(f"{path} has no raster bands (a zarr store or a container?); give raster files")
             crs_wkt = ds.crs.to_wkt() if ds.crs else None
             grid = Grid(crs_wkt, ds.transform, ds.height, ds.width)
             for i in range(1, ds.count + 1):
