@@ -25,7 +25,7 @@ import numpy as np
 from dask.base import tokenize
 from dask.utils import has_keyword
 
-from pipeline.errors import ChunkError, RasterIOError, TilesegError
+from pipeline.errors import ChunkError, InputError, RasterIOError, TilesegError
 from pipeline.grid import Grid, block_window, bbox_mask, chunk_sizes
 from pipeline.io.raster import BandSource, read_onto_grid, read_window
 from pipeline.io.vector import area_window, rasterize_window
@@ -387,6 +387,10 @@ def _gt_raster_block(path, grid, src_nodata, lookup, block_info=None) -> np.ndar
     if arr.dtype.kind == "f":
         bad |= ~np.isfinite(arr)
         arr = np.where(bad, 0, arr)
+        fractional = arr != np.floor(arr)
+        if fractional.any():  # astype would truncate 1.5 to class 1 without a word
+            raise InputError(f"values that are not whole class ids (for example {arr[fractional][0]:g}); give a "
+                             "ground-truth raster of integer class ids")  # fmt: skip
     out = arr.astype(np.int64)
     if lookup is not None:
         out = map_values(out, lookup, GT_UNLABELED)

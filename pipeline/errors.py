@@ -73,10 +73,27 @@ def io_failure(action: str, path: object, exc: BaseException) -> RasterIOError:
         text = text.lower()
         hint = next((h for key, h in (("no space", _HINTS["ENOSPC"]), ("too large", _HINTS["EFBIG"]),
                                       ("permission denied", _HINTS["EACCES"]), ("read-only", _HINTS["EROFS"]))
-                     if key in text), "check the path, free space and permissions, and rerun")  # fmt: skip
+                     if key in text), None)  # fmt: skip
+    if hint is None:  # GDAL's message may not say why (TIFFRewriteDirectory...): look at the disk
+        hint = _HINTS["ENOSPC"] if _nearly_full(path) else "check the path, free space and permissions, and rerun"
     failure = RasterIOError(f"{action} {path} failed: {reason}; {hint}")
     failure.errno = code  # kept, so that callers (retries) can tell a full disk from a flaky read
     return failure
+
+
+def _nearly_full(path: object, below: int = 16 * 2**20) -> bool:
+    """Whether the filesystem of ``path`` (or of its nearest existing parent) has less than
+    ``below`` bytes free; False when that cannot be told."""
+    import shutil
+    from pathlib import Path
+
+    try:
+        p = Path(str(path)).absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        return shutil.disk_usage(p).free < below
+    except (OSError, ValueError):
+        return False
 
 
 class OutputExistsError(TilesegError, FileExistsError):

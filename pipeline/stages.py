@@ -305,7 +305,7 @@ def segment(
                                     progress=progress)  # fmt: skip
                 ranges = np.asarray(ranges)
                 if np.isnan(ranges[..., 0]).all():
-                    raise InputError(f"no valid pixel for {tc.expression!r} (all nodata?)")
+                    raise _no_valid_value(tc.expression)
                 lo, hi = float(np.nanmin(ranges[..., 0])), float(np.nanmax(ranges[..., 1]))
                 if hi <= lo:
                     raise _constant_index(tc.expression, lo)
@@ -314,7 +314,7 @@ def segment(
                                 progress=progress)  # fmt: skip
             filled = np.flatnonzero(counts)
             if filled.size == 0:
-                raise InputError(f"no valid pixel for {tc.expression!r} (all nodata?)")
+                raise _no_valid_value(tc.expression)
             if filled.size == 1:  # (integer bins only: otherwise hi > lo fills two bins)
                 raise _constant_index(tc.expression, edges[filled[0]] + 0.5)
             threshold = otsu_threshold(np.asarray(counts), edges)
@@ -379,6 +379,11 @@ def segment(
     attrs["class_names"] = class_names
     resume.write_labels(store, cfg, labels, probabilities, grid, attrs, where, progress, overwrite)
     return store
+
+
+def _no_valid_value(expression: str) -> InputError:
+    return InputError(f"no valid value of {expression!r}: every pixel is nodata, or the expression is NaN or "
+                      "infinite there (a division by zero?)")  # fmt: skip
 
 
 def _constant_index(expression: str, value: float) -> InputError:

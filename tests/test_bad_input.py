@@ -7,6 +7,7 @@ The cases follow the list of the operations issue; `test_config_cli.py` and
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import resource
@@ -243,6 +244,36 @@ def test_a_nodata_value_the_raster_cannot_hold(small, tmp_path, option, value, w
     r = _run("evaluate", str(small["cog"]), str(gt), "--classes", "a,b", "--out-dir", str(tmp_path / "ev"),
              option, value)  # fmt: skip
     _fails(r, what, "cannot occur", "uint8")
+
+
+def test_messages_that_named_the_wrong_cause(small, tmp_path):
+    """Each message used to blame something else: 'all nodata?' for a division by zero,
+    pickled checkpoints for a .tif, and an extent of (inf, inf, inf, inf) for projected
+    coordinates in a GeoJSON (WGS 84 by RFC 7946)."""
+    r = _run("segment", str(small["store"]), *FAST, "--set", "segment.method=threshold",
+             "--set", "segment.threshold.expression=B03 / 0")  # fmt: skip
+    _fails(r, "no valid value of 'B03 / 0'", "division by zero")
+    r = _run("segment", str(small["store"]), *FAST, "--set", "segment.method=unet",
+             "--set", f"segment.unet.model={small['tif']}")  # fmt: skip
+    _fails(r, "small.tif is not a model", "NAME.safetensors")
+    x0, y1 = synth.ORIGIN
+    ring = [[x0 + 10, y1 - 10], [x0 + 500, y1 - 10], [x0 + 500, y1 - 500], [x0 + 10, y1 - 10]]
+    geojson = tmp_path / "utm.geojson"
+    geojson.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"class": "a"}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
+    r = _run("evaluate", str(small["cog"]), str(geojson), "--classes", "a,b", "--out-dir", str(tmp_path / "ev"))
+    _fails(r, "outside longitude/latitude", "RFC 7946")
+
+
+def test_float_ground_truth_with_fractional_values(small, tmp_path):
+    """0.5 and 1.5 were truncated to classes 0 and 1 without a word."""
+    gt = synth.write_tif(tmp_path / "gt.tif", small["classes"].astype(np.float32) + 0.5, nodata=255)
+    out = tmp_path / "ev"
+    _fails(_run("evaluate", str(small["cog"]), str(gt), "--classes", "a,b", "--out-dir", str(out)),
+           "gt.tif", "not whole class ids")  # fmt: skip
+    assert not (out / "report.json").exists()
+    whole = synth.write_tif(tmp_path / "whole.tif", small["classes"].astype(np.float32), nodata=255)
+    assert _run("evaluate", str(small["cog"]), str(whole), "--classes", "a,b", "--out-dir", str(out)).returncode == 0
 
 
 def _file_size_limit(limit: int):

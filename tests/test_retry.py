@@ -89,3 +89,18 @@ def test_a_transient_error_is_retried_and_a_config_error_is_not(prefect_home, mo
     with pytest.raises(ConfigError, match="ingest.chunk_size"):
         one_stage(RunConfig())
     assert calls == ["bad"]
+
+
+def test_a_gdal_write_error_on_a_nearly_full_disk_says_so(tmp_path, monkeypatch):
+    """GDAL's message on a full disk can be only `TIFFRewriteDirectory:Error fetching
+    directory count`: the hint then comes from the free space of the output's disk."""
+    import shutil
+    from collections import namedtuple
+
+    gdal = RuntimeError("TIFFRewriteDirectory:Error fetching directory count")
+    usage = namedtuple("usage", "total used free")
+    out = tmp_path / "new" / "labels.tif"  # its folder does not exist yet: the nearest parent's disk
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
+    assert "free disk space" in str(io_failure("writing COG", out, gdal))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**9, 10**12 - 10**9))
+    assert "check the path, free space and permissions" in str(io_failure("writing COG", out, gdal))

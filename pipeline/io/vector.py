@@ -68,7 +68,8 @@ def layer_bounds(path: str | Path) -> tuple[tuple[float, float, float, float], s
 
     Raises:
         RasterIOError: missing or unreadable file.
-        InputError: the layer has no features.
+        InputError: the layer has no features, or coordinates outside longitude/latitude in a
+            geographic CRS (projected coordinates in a GeoJSON without a crs member).
     """
     import pyogrio
 
@@ -81,8 +82,13 @@ def layer_bounds(path: str | Path) -> tuple[tuple[float, float, float, float], s
     bounds = info.get("total_bounds")
     if not info.get("features") or bounds is None or not np.all(np.isfinite(bounds)):
         raise InputError(f"{path} has no features")
-    crs = info.get("crs")
-    return tuple(float(v) for v in bounds), (CRS.from_user_input(crs).to_wkt() if crs else None)  # type: ignore[return-value]
+    crs = CRS.from_user_input(info["crs"]) if info.get("crs") else None
+    xmin, ymin, xmax, ymax = (float(v) for v in bounds)
+    if crs is not None and crs.is_geographic and not (-360 <= xmin <= xmax <= 360 and -90 <= ymin <= ymax <= 90):
+        raise InputError(f"{path} has coordinates up to ({xmax:g}, {ymax:g}), outside longitude/latitude, but its CRS "
+                         f"is {crs.to_string()} (a GeoJSON without a crs member is WGS 84, RFC 7946); save it with "
+                         "its real CRS (for example as GeoPackage)")  # fmt: skip
+    return (xmin, ymin, xmax, ymax), (crs.to_wkt() if crs else None)
 
 
 def _as_text(values):

@@ -135,11 +135,14 @@ def load_spec(path: str | Path) -> ModelSpec:
         MissingFileError (a RasterIOError): missing sidecar or weights; InputError: invalid sidecar.
     """
     path = Path(path)
-    if path.suffix.lower() not in (".safetensors", ".json", ""):
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth", ".ckpt", ".pkl", ".bin"):
         raise InputError(
             f"{path}: tileseg loads only safetensors checkpoints (NAME.safetensors + NAME.json); pickled "
             "checkpoints (.pt, .pth, .ckpt) are refused because loading them can run code"
         )
+    if suffix not in (".safetensors", ".json", ""):
+        raise InputError(f"{path} is not a model: a model is NAME.safetensors with NAME.json beside it")
     weights, sidecar = path.with_suffix(".safetensors"), path.with_suffix(".json")
     for p in (weights, sidecar):
         if not p.is_file():
