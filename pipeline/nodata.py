@@ -54,7 +54,7 @@ def fits(value: float, dtype: Any) -> bool:
     dt = np.dtype(dtype)
     if dt.kind == "f":
         return True
-    if is_nan(value) or float(value) != int(value):
+    if not math.isfinite(float(value)) or float(value) != int(value):
         return False
-    info = np.iinfo(dt) if dt.kind in "iu" else np.iinfo(np.uint8)
-    return info.min <= int(value) <= (info.max if dt.kind in "iu" else 1)
+    lo, hi = (0, 1) if dt.kind == "b" else (np.iinfo(dt).min, np.iinfo(dt).max)
+    return lo <= int(value) <= hi

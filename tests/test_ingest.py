@@ -187,13 +187,14 @@ def test_a_band_without_nodata_takes_the_others_and_different_values_are_refused
         stages.ingest([*full, other], tmp_path / "o.zarr", IngestConfig(chunk_size=32), progress=False)
 
 
-@pytest.mark.parametrize("value", [70000.0, -1.0, float("nan"), 2.5])
+@pytest.mark.parametrize("value", [70000.0, -1.0, float("nan"), 2.5, float("inf")])
 def test_a_nodata_value_the_dtype_cannot_hold_is_refused(scene, tmp_path, value):
     with pytest.raises(InputError, match="cannot occur in .*uint16.*ingest.nodata"):
         stages.ingest([scene["tif"]], tmp_path / "s.zarr", IngestConfig(chunk_size=256, nodata=value),
                       progress=False)  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")  # inside rasterio.warp
 def test_a_band_in_another_crs_does_not_move_the_store_into_it(tmp_path, caplog):
     """The finest band was picked by comparing pixel sizes in degrees with metres: one
     EPSG:4326 band (about 0.0001 deg) took the whole store into EPSG:4326."""
