@@ -83,6 +83,24 @@ def _segment_cli(store: Path) -> list[str]:
                 "--set", "segment.threshold.value=2000")  # fmt: skip
 
 
+def _fail_writes_after(n: int, monkeypatch) -> tuple:
+    """Chunk writes fail with a full disk after the first ``n``, on Dask's synchronous
+    scheduler (the writer runs in this process, one chunk after the other). Returns the
+    real writer (to restore) and the list of the chunk indices written or tried."""
+    real = zstore.ChunkWriter.__call__
+    calls: list = []
+
+    def failing(self, index, *args):
+        calls.append(index)
+        if len(calls) > n:
+            raise OSError("disk full")
+        return real(self, index, *args)
+
+    monkeypatch.setattr(zstore.ChunkWriter, "__call__", failing)
+    monkeypatch.setitem(dask.config.config, "scheduler", "sync")
+    return real, calls
+
+
 # --------------------------------------------------------------------------- segment: resume
 def test_sigkill_during_segment_then_rerun_computes_only_the_missing_chunks(fresh_store, reference, tmp_path):
     store = _copy(fresh_store, tmp_path / "s.zarr")
@@ -165,18 +183,7 @@ def test_a_killed_dask_worker_is_replaced_and_the_labels_are_unchanged(fresh_sto
 def test_rerun_resumes_after_a_failure_and_skips_up_to_date_labels(fresh_store, reference, tmp_path, monkeypatch,
                                                                     caplog):  # fmt: skip
     store = _copy(fresh_store, tmp_path / "s.zarr")
-    real = zstore.ChunkWriter.__call__
-    calls: list = []
-
-    def failing(self, index, *args):
-        calls.append(index)
-        if len(calls) > 150:
-            raise OSError("disk full")
-        return real(self, index, *args)
-
-    monkeypatch.setattr(zstore.ChunkWriter, "__call__", failing)
-    # Dask's synchronous scheduler: the writer runs in this process, one chunk after the other
-    monkeypatch.setitem(dask.config.config, "scheduler", "sync")
+    real, calls = _fail_writes_after(150, monkeypatch)
     with pytest.raises(RasterIOError, match=r"segment \(threshold\) of .*, chunk \(\d+, \d+\) rows .*disk full"):
         stages.segment(store, FIXED, progress=False)
     done = _markers(store)
@@ -202,17 +209,7 @@ def test_rerun_resumes_after_a_failure_and_skips_up_to_date_labels(fresh_store, 
 
 def test_another_config_discards_the_unfinished_chunks(fresh_store, tmp_path, monkeypatch):
     store = _copy(fresh_store, tmp_path / "s.zarr")
-    real = zstore.ChunkWriter.__call__
-    calls: list = []
-
-    def failing(self, index, *args):
-        calls.append(index)
-        if len(calls) > 100:
-            raise OSError("disk full")
-        return real(self, index, *args)
-
-    monkeypatch.setattr(zstore.ChunkWriter, "__call__", failing)
-    monkeypatch.setitem(dask.config.config, "scheduler", "sync")
+    real, calls = _fail_writes_after(100, monkeypatch)
     with pytest.raises(RasterIOError):
         stages.segment(store, FIXED, progress=False)
     assert len(_markers(store)) == 100
@@ -244,17 +241,7 @@ def test_a_kmeans_rerun_reuses_the_fit_of_the_same_sample(fresh_store, tmp_path,
     assert fits == [(4, 1)] and "fit is reused" in caplog.text and "up to date" in caplog.text
     # an interrupted run: the fit recorded in labels_partial serves its resumption
     other = kmeans.model_copy(update={"kmeans": KMeansConfig(n_clusters=4, sample_size=3000, seed=2)})
-    real = zstore.ChunkWriter.__call__
-    calls: list = []
-
-    def failing(self, index, *args):
-        calls.append(index)
-        if len(calls) > 50:
-            raise OSError("disk full")
-        return real(self, index, *args)
-
-    monkeypatch.setattr(zstore.ChunkWriter, "__call__", failing)
-    monkeypatch.setitem(dask.config.config, "scheduler", "sync")
+    real, calls = _fail_writes_after(50, monkeypatch)
     with pytest.raises(RasterIOError):
         stages.segment(store, other, progress=False)
     assert fits == [(4, 1), (4, 2)]
