@@ -271,15 +271,22 @@ def _compute(objs: tuple[Any, ...], label: str, progress: bool) -> tuple[Any, ..
 
 class _LogLines:
     """A stream for Dask's progress bars when stdout is not a terminal (a log file, a pipe,
-    a Prefect worker's log): each redraw (``\r`` + bar) becomes one line of its own, instead
-    of thousands of redraws joined into one line, and erase codes are dropped."""
+    a Prefect worker's log): a redraw (``\r`` + bar) becomes a line of its own at most every
+    :data:`LOG_PROGRESS_EVERY_S` (and at 100 %), instead of thousands of redraws joined into
+    one line; erase codes are dropped. The bars keep their own redraw interval, so a stage
+    ends when its work does (a 10 s interval made Dask's bar wait for its timer thread)."""
 
     def __init__(self, out: Any) -> None:
-        self._out = out
+        import time
+
+        self._out, self._clock, self._last = out, time.monotonic, float("-inf")
 
     def write(self, text: str) -> int:
         if text.startswith("\r"):
-            self._out.write(text[1:] + "\n")
+            now = self._clock()
+            if now - self._last >= LOG_PROGRESS_EVERY_S or "100%" in text:
+                self._last = now
+                self._out.write(text[1:] + "\n")
         elif text.strip() and not text.startswith("\33["):
             self._out.write(text)
         return len(text)
@@ -312,7 +319,7 @@ def _compute_in_order(objs: tuple[Any, ...], label: str, progress: bool) -> tupl
                     print(flush=True)
                 else:  # distributed's bar writes to sys.stdout itself
                     with redirect_stdout(_LogLines(sys.stdout)):
-                        dprogress(futures, notebook=False, interval=f"{LOG_PROGRESS_EVERY_S:g}s")
+                        dprogress(futures, notebook=False)
             return tuple(client.gather(futures))
         except BaseException:
             _settle(client, futures)
@@ -320,8 +327,7 @@ def _compute_in_order(objs: tuple[Any, ...], label: str, progress: bool) -> tupl
     if progress:
         from dask.diagnostics import ProgressBar
 
-        ctx: Any = (ProgressBar(minimum=0.5) if terminal else
-                    ProgressBar(minimum=0.5, dt=LOG_PROGRESS_EVERY_S, out=_LogLines(sys.stdout)))  # fmt: skip
+        ctx: Any = ProgressBar(minimum=0.5, out=None if terminal else _LogLines(sys.stdout))
     else:
         ctx = nullcontext()
     if dask.config.get("scheduler", None) not in (None, "threads", "threading"):

@@ -102,7 +102,7 @@ def _block_sums(store: str, band_idx: list[int], shape: tuple[int, int], oy: np.
     def predict(batch: np.ndarray) -> np.ndarray:
         valid = None if nodata is None and batch.dtype.kind != "f" else ~missing(batch, nodata).all(axis=1)
         with _MODEL_LOCK if serial else contextlib.nullcontext():  # normalised on the device
-            return predict_probabilities(net, batch, device, as_tensor=True, spec=spec, valid=valid)
+            return predict_probabilities(net, batch, device, as_tensor=True, spec=spec, valid=valid, nodata=nodata)
 
     read: dict = {}
 

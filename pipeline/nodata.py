@@ -1,10 +1,10 @@
 """Which pixel values are missing: one rule for every stage.
 
 A value is missing when it equals the raster's nodata value, and, in a floating-point
-raster, when it is NaN, whatever the nodata value (NaN is never a measurement; it stays NaN
-through any arithmetic, so a NaN pixel that reached a model or a k-means distance would
-spoil its neighbours' results too). ``nodata`` NaN is compared with ``isnan``, since NaN
-equals nothing, itself included.
+raster, when it is not finite (NaN, +-inf), whatever the nodata value: neither is a
+measurement, and either stays non-finite through any arithmetic, so such a pixel that
+reached a model or a k-means distance would spoil its neighbours' results too. ``nodata``
+NaN is compared with ``isnan``, since NaN equals nothing, itself included.
 
 The functions take numpy or Dask arrays alike (they use only ufuncs and comparisons).
 """
@@ -37,7 +37,7 @@ def missing(values: Any, nodata: float | None) -> Any:
     if nodata is not None and not is_nan(nodata):
         out = values == nodata
     if floating:
-        out = np.isnan(values) if out is None else out | np.isnan(values)
+        out = ~np.isfinite(values) if out is None else out | ~np.isfinite(values)
     return np.zeros_like(values, dtype=bool) if out is None else out
 
 

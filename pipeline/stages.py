@@ -190,7 +190,11 @@ def ingest_microscopy(
     image = microscopy.read_microscopy(info, idx, cfg.chunk_size)
     grid = Grid(None, Affine.identity(), info.shape[1], info.shape[2])
     pixel_size = mcfg.pixel_size_yx() or info.pixel_size_um
-    ds = zstore.image_dataset(image, grid, names, cfg.nodata)
+    nodata = cfg.nodata if cfg.nodata is not None else info.nodata
+    if nodata is not None and not fits(nodata, info.dtype):
+        raise InputError(f"nodata {nodata:g} cannot occur in {Path(source).name} ({info.dtype}); set "
+                         "ingest.nodata to a value of its range")  # fmt: skip
+    ds = zstore.image_dataset(image, grid, names, nodata)
     if pixel_size is not None:
         ds.attrs["pixel_size_um"] = ds[zstore.IMAGE].attrs["pixel_size_um"] = [float(v) for v in pixel_size]
     ds.attrs["source"] = str(source)
@@ -614,7 +618,7 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
                      to_target, ignore)  # fmt: skip
     va = _read_chips(image, gt, gt_nodata, nodata, grid, cfg.val_area, cfg.tile, cfg.tile, progress, "validation",
                      to_target, ignore)  # fmt: skip
-    mean, std = training.band_statistics(tr)
+    mean, std = training.band_statistics(tr, nodata)
     spec = ModelSpec(
         arch=cfg.arch, encoder=cfg.encoder, encoder_depth=cfg.encoder_depth, decoder_channels=cfg.decoder_channels,
         bands=bands, mean=mean, std=std, classes=list(class_names), tile_size=cfg.tile, halo=0,
@@ -635,7 +639,7 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     def fit(chips, val, epochs: int, patience: int):
         torch.manual_seed(cfg.seed)  # the random initial weights are part of a seeded run
         return training.train(
-            build_model(spec, cfg.encoder_weights), lambda im, v: normalise(im, spec, v), chips, val,
+            build_model(spec, cfg.encoder_weights), lambda im, v: normalise(im, spec, v, nodata), chips, val,
             len(class_names), epochs=epochs, patience=patience, batch_size=cfg.batch_size, lr=cfg.lr,
             weight_decay=cfg.weight_decay, loss=cfg.loss, weighting=cfg.class_weighting, schedule=cfg.lr_schedule,
             jitter=cfg.spectral_jitter, seed=cfg.seed, device=device, log_path=log_path, progress=progress,

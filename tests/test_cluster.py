@@ -160,3 +160,11 @@ def test_progress_in_a_log_is_one_line_per_update(scheduler, capsys, monkeypatch
     assert lines[0] == "[tileseg] slow sum"
     bars = lines[1:]
     assert len(bars) >= 2 and all("% Completed" in b for b in bars) and "100% Completed" in bars[-1]
+    # a long interval between lines does not hold the stage back (Dask's bar waited for its timer)
+    monkeypatch.setattr(cluster, "LOG_PROGRESS_EVERY_S", 60.0)
+    with dask_client(cfg):
+        t0 = time.perf_counter()
+        cluster.compute(slow.sum(), label="slow sum", progress=True)
+        took = time.perf_counter() - t0
+    assert took < 30, took
+    assert "100% Completed" in [x for x in capsys.readouterr().out.splitlines() if x.strip()][-1]

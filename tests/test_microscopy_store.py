@@ -98,3 +98,19 @@ def test_export_ome_zarr_from_a_microscopy_store(cells, tmp_path):
     (lab,) = [n for n in nodes if n.load(Label) is not None]
     assert lab.metadata["name"] == "foreground"
     np.testing.assert_array_equal(np.asarray(lab.data[0]), (img[1] > 300).astype(np.uint8))
+
+
+@pytest.mark.parametrize("dtype, value", [("uint16", "65535"), ("float32", "-1")])
+def test_the_tiffs_nodata_tag_is_kept(tmp_path, dtype, value):
+    """A TIFF's GDAL_NODATA tag was ignored by the microscopy ingest: the nodata block was
+    data (one 8,000 px instance, and another Otsu threshold)."""
+    img = (np.random.default_rng(0).random((96, 80)) * 1000).astype(dtype)
+    img[10:30, 20:40] = float(value)
+    tif = tmp_path / "cells.tif"
+    tifffile.imwrite(tif, img, extratags=[(42113, "s", 0, value, True)])
+    store = stages.ingest_microscopy(tif, tmp_path / "s.zarr", IngestConfig(chunk_size=32), progress=False)
+    attrs = zstore.open_store(store)[zstore.IMAGE].attrs
+    assert attrs["nodata"] == float(value)
+    if dtype == "uint16":
+        with pytest.raises(InputError, match="cannot occur"):
+            stages.ingest_microscopy(tif, tmp_path / "o.zarr", IngestConfig(chunk_size=32, nodata=-5), progress=False)

@@ -159,3 +159,17 @@ def test_otsu_on_a_constant_raster_is_a_clear_error(tmp_path):
         stages.segment(store, SegmentConfig(method="threshold", threshold=ThresholdConfig(expression="B03")),
                        progress=False)  # fmt: skip
     assert "labels" not in xr.open_zarr(store)
+
+
+def test_kmeans_and_threshold_take_infinite_values_as_missing(scene, tmp_path):
+    """An inf block: k-means failed with scikit-learn's `Input X contains NaN`."""
+    img = scene["image"].astype(np.float32)
+    img[:, 100:150, 200:300] = np.inf
+    from tests import synth
+
+    tif = synth.write_tif(tmp_path / "inf.tif", img, names=["B02", "B03", "B04", "B08"])
+    store = stages.ingest([tif], tmp_path / "s.zarr", IngestConfig(chunk_size=256), progress=False)
+    for cfg in (SegmentConfig(method="kmeans", kmeans=KMeansConfig(n_clusters=3, sample_size=5000)), OTSU):
+        lab = _labels(store, cfg).values
+        assert (lab[100:150, 200:300] == 255).all()
+        assert (lab[200:, 400:] != 255).all()

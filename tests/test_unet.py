@@ -104,6 +104,26 @@ def test_nan_pixels_are_nodata_and_do_not_spoil_their_neighbours(odd_scene, tiny
     assert np.isfinite(got["probabilities"].values).all()
 
 
+def test_a_band_missing_at_a_valid_pixel_is_its_band_mean(odd_scene, tiny_model, tmp_path):
+    """One band's nodata value (-9999) at pixels whose other bands are valid reached the
+    model as a number and swayed the neighbours' classes; like NaN or inf there, it is now
+    that band's mean. Pixels where every band is missing stay nodata (255)."""
+    tif, img = odd_scene
+    block = np.s_[1, 200:260, 150:230]
+    ref, bad, inf = (img.astype(np.float32) for _ in range(3))
+    ref[block] = tiny_spec().mean[1]
+    bad[block] = -9999
+    inf[block] = np.inf
+    for a in (ref, bad, inf):
+        a[a == 0] = -9999  # the collar, all bands missing
+    runs = {name: _segment(synth.write_tif(tmp_path / f"{name}.tif", a, nodata=-9999, names=BANDS),
+                           tmp_path / name, 256, tiny_model)["labels"].values
+            for name, a in (("ref", ref), ("bad", bad), ("inf", inf))}  # fmt: skip
+    np.testing.assert_array_equal(runs["bad"], runs["ref"])
+    np.testing.assert_array_equal(runs["inf"], runs["ref"])
+    assert (runs["ref"][:5] == 255).all() and (runs["ref"][200:260, 150:230] != 255).all()
+
+
 def test_checkpoint_with_other_bands_is_refused(odd_scene, tmp_path):
     tif, _ = odd_scene
     spec = tiny_spec(bands=["B02", "B03", "B11", "B12"])

@@ -82,6 +82,7 @@ class MicroscopyInfo:
         component: for zarr, the path of the level-0 array inside ``path`` ('' for the root).
         series: for TIFF, the tifffile series index read (0).
         channel_axis: position in ``axes`` of the axis read as bands (C or S), or None (one band).
+        nodata: the TIFF's nodata value (GDAL's tag 42113, ``GDAL_NODATA``), or None.
     """
 
     path: Path
@@ -96,6 +97,7 @@ class MicroscopyInfo:
     component: str = ""
     series: int = 0
     channel_axis: int | None = None
+    nodata: float | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -181,6 +183,14 @@ def _ome_image(xml: str, series: int) -> dict[str, Any]:
     return images[series] if series < len(images) else {}
 
 
+def _gdal_nodata(text: Any) -> float | None:
+    """The value of a ``GDAL_NODATA`` tag (ASCII, for example ``'65535'`` or ``'nan'``), or None."""
+    try:
+        return None if text is None else float(str(text).strip("\x00 "))
+    except ValueError:
+        return None
+
+
 def _describe_tiff(path: Path, axes: str | None) -> MicroscopyInfo:
     import tifffile
 
@@ -218,6 +228,7 @@ def _describe_tiff(path: Path, axes: str | None) -> MicroscopyInfo:
                 if unit and xres and yres:
                     pixel = _pair(_to_um(1.0 / yres, unit, None), _to_um(1.0 / xres, unit, None))
             bigtiff = bool(tif.is_bigtiff)
+            nodata = _gdal_nodata(tif.pages.first.tags.valueof(42113))
     except tifffile.TiffFileError as exc:
         raise RasterIOError(f"{path} is not a readable TIFF: {exc}") from None
     except OSError as exc:
@@ -231,6 +242,7 @@ def _describe_tiff(path: Path, axes: str | None) -> MicroscopyInfo:
         path=path, kind=kind, axes=axes, source_shape=shape,
         shape=(nb, shape[axes.index("Y")], shape[axes.index("X")]), dtype=dtype,
         channel_names=_unique_names(names, nb), pixel_size_um=pixel, bigtiff=bigtiff, series=0, channel_axis=ch,
+        nodata=nodata,
     )  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.errors import InputError
 from pipeline.metrics import confusion_counts, semantic_metrics
+from pipeline.nodata import missing
 
 IGNORE = 255
 
@@ -46,14 +47,14 @@ class Chips:
         return len(self.images)
 
 
-def band_statistics(chips: Chips) -> tuple[list[float], list[float]]:
+def band_statistics(chips: Chips, nodata: float | None = None) -> tuple[list[float], list[float]]:
     """Per-band mean and standard deviation over valid pixels (input units), float64 sums;
-    non-finite values (NaN of one band of a valid pixel) are left out."""
+    missing values of one band at a valid pixel (``nodata``, or not finite) are left out."""
     c = chips.images.shape[1]
     means, stds = [], []
     for b in range(c):
         v = chips.images[:, b][chips.valid].astype(np.float64)
-        v = v[np.isfinite(v)]
+        v = v[~missing(v, nodata)]
         if v.size == 0:
             raise InputError("no valid pixel in the training chips")
         means.append(float(v.mean()))

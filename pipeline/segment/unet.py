@@ -25,6 +25,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ConfigError, InputError, MissingFileError
+from pipeline.nodata import is_nan, missing
 
 #: resnet layers that an encoder of depth d < 5 never runs (smp keeps them; we drop them)
 _RESNET_STAGES = {4: ("layer4",), 3: ("layer3", "layer4"), 2: ("layer2", "layer3", "layer4"),
@@ -249,7 +250,8 @@ def warm_model(path: str | Path, device: str, compile: bool, batch_size: int, wi
 
 
 def predict_probabilities(net, batch: np.ndarray, device: str, as_tensor: bool = False, *,
-                          spec: ModelSpec | None = None, valid: np.ndarray | None = None) -> Any:  # fmt: skip
+                          spec: ModelSpec | None = None, valid: np.ndarray | None = None,
+                          nodata: float | None = None) -> Any:  # fmt: skip
     """Softmax probabilities of a batch.
 
     The batch goes to the model in channels_last layout (see :func:`cached_model`); on CUDA
@@ -269,6 +271,9 @@ def predict_probabilities(net, batch: np.ndarray, device: str, as_tensor: bool =
         valid: (N, H, W) bool, with ``spec``: pixels where it is False are set to 0 (the
             band mean). With ``spec``, non-finite values (NaN) of a float batch are set to 0
             as well: a NaN would spread through the convolutions to the neighbours.
+        nodata: with ``spec``, values equal to it (one band missing at a pixel whose other
+            bands are valid) are set to 0, the band mean, like non-finite values: as a
+            number (say -9999) it would reach the model and sway the neighbours' classes.
 
     Returns:
         float32 (N, K, H, W), summing to 1 over K: numpy, or a torch tensor with ``as_tensor``.
@@ -282,10 +287,13 @@ def predict_probabilities(net, batch: np.ndarray, device: str, as_tensor: bool =
     if spec is not None:
         if x.data_ptr() == batch.__array_interface__["data"][0]:
             x = x.clone(memory_format=torch.channels_last)  # never change the caller's array
+        band_missing = None if nodata is None or is_nan(nodata) else x == float(nodata)
         x.sub_(torch.tensor(spec.mean, dtype=torch.float32, device=device)[None, :, None, None])
         x.div_(torch.tensor(spec.std, dtype=torch.float32, device=device)[None, :, None, None])
         if batch.dtype.kind == "f":  # NaN (or inf) of one band of a valid pixel: the band mean
             x.masked_fill_(~torch.isfinite(x), 0.0)
+        if band_missing is not None:  # the nodata value of one band of a valid pixel: the same
+            x.masked_fill_(band_missing, 0.0)
         if valid is not None:
             x.mul_(torch.from_numpy(np.ascontiguousarray(valid)).to(device)[:, None])
     try:
@@ -304,15 +312,16 @@ def predict_probabilities(net, batch: np.ndarray, device: str, as_tensor: bool =
     raise failure  # outside `except`: one line, no chained torch traceback
 
 
-def normalise(batch: np.ndarray, spec: ModelSpec, valid: np.ndarray | None = None) -> np.ndarray:
+def normalise(batch: np.ndarray, spec: ModelSpec, valid: np.ndarray | None = None,
+              nodata: float | None = None) -> np.ndarray:
     """(N, C, H, W) input units -> float32 ``(x - mean) / std`` per band; pixels where
-    ``valid`` (N, H, W) is False, and non-finite values of a float batch, are set to 0 (the
-    band mean)."""
+    ``valid`` (N, H, W) is False, and missing values of one band (:func:`pipeline.nodata.missing`:
+    ``nodata``, or not finite), are set to 0 (the band mean)."""
     mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
     out = (batch.astype(np.float32) - mean) / std
-    if batch.dtype.kind == "f":  # NaN (or inf) of one band of a valid pixel: the band mean
-        out[~np.isfinite(out)] = 0.0
+    if nodata is not None or batch.dtype.kind == "f":  # one band missing at a valid pixel: the band mean
+        out[missing(batch, nodata)] = 0.0
     if valid is not None:
         out *= valid[:, None, :, :]
     return out
