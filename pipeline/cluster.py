@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -300,8 +301,6 @@ LOG_PROGRESS_EVERY_S = 10.0
 
 
 def _compute_in_order(objs: tuple[Any, ...], label: str, progress: bool) -> tuple[Any, ...]:
-    import sys
-
     client = current_client()
     if progress:
         print(f"[tileseg] {label}", flush=True)

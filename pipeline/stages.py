@@ -81,9 +81,7 @@ def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool =
     grid = rio_io.target_grid(bands, cfg.grid.reference, cfg.grid.resolution, cfg.allow_no_crs)
     nodata = cfg.nodata if cfg.nodata is not None else _common_nodata(bands)
     for b in bands:
-        if nodata is not None and not fits(nodata, b.dtype):
-            raise InputError(f"nodata {nodata:g} cannot occur in {Path(b.path).name} ({b.name}, {b.dtype}); set "
-                             "ingest.nodata to a value of its range")  # fmt: skip
+        _check_nodata_fits(nodata, b.dtype, f"{Path(b.path).name} ({b.name}, {b.dtype})")
     store = Path(store)
     if store.exists() and not (store / "zarr.json").is_file():
         raise InputError(f"{store} exists and is not a zarr store; refusing to overwrite it (choose another path)")
@@ -118,6 +116,12 @@ def ingest(sources: list[Path], store: Path, cfg: IngestConfig, progress: bool =
     zstore.publish_dir(tmp, store)
     log.info("ingested %d bands, %d x %d px -> %s", len(bands), grid.width, grid.height, store)
     return store
+
+
+def _check_nodata_fits(nodata: float | None, dtype: str, what: str) -> None:
+    """Raises InputError when ``nodata`` cannot occur in ``dtype`` (:func:`pipeline.nodata.fits`)."""
+    if nodata is not None and not fits(nodata, dtype):
+        raise InputError(f"nodata {nodata:g} cannot occur in {what}; set ingest.nodata to a value of its range")
 
 
 def _common_nodata(bands: list[rio_io.BandSource]) -> float | None:
@@ -191,9 +195,7 @@ def ingest_microscopy(
     grid = Grid(None, Affine.identity(), info.shape[1], info.shape[2])
     pixel_size = mcfg.pixel_size_yx() or info.pixel_size_um
     nodata = cfg.nodata if cfg.nodata is not None else info.nodata
-    if nodata is not None and not fits(nodata, info.dtype):
-        raise InputError(f"nodata {nodata:g} cannot occur in {Path(source).name} ({info.dtype}); set "
-                         "ingest.nodata to a value of its range")  # fmt: skip
+    _check_nodata_fits(nodata, info.dtype, f"{Path(source).name} ({info.dtype})")
     ds = zstore.image_dataset(image, grid, names, nodata)
     if pixel_size is not None:
         ds.attrs["pixel_size_um"] = ds[zstore.IMAGE].attrs["pixel_size_um"] = [float(v) for v in pixel_size]

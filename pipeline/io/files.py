@@ -137,7 +137,6 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
-
 def publish_texts(items: list[tuple[Path, str]], written: list[tuple[Path, Path]] | None = None) -> None:
     """Write several text files so that none appears half-written: each goes to a
     temporary sibling first; when all are written, they are renamed onto their names in
