@@ -157,7 +157,7 @@ def read_image(sources: list[BandSource], grid: Grid, chunk: int, resampling: st
 
 def valid_mask(image: da.Array, band_idx: list[int], nodata: float | None) -> da.Array:
     """(y, x) bool: True where none of the bands ``band_idx`` is missing (equal to ``nodata``,
-    or NaN in a float raster: :func:`pipeline.nodata.missing`)."""
+    or not finite in a float raster: :func:`pipeline.nodata.missing`)."""
     if nodata is None and image.dtype.kind != "f":
         return da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
     return ~missing(image[band_idx], nodata).any(axis=0)
@@ -467,7 +467,7 @@ def raster_area_mask(path: str, grid: Grid, chunks: tuple[tuple[int, ...], tuple
 
 def image_valid(image: da.Array, nodata: float | None) -> da.Array:
     """Lazy bool (y, x): False where EVERY band of ``image`` (band, y, x) is missing (equal to
-    ``nodata``, or NaN in a float raster: :func:`pipeline.nodata.missing`)."""
+    ``nodata``, or not finite in a float raster: :func:`pipeline.nodata.missing`)."""
     if nodata is None and image.dtype.kind != "f":
         return da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=bool)
     return ~missing(image, nodata).all(axis=0)
