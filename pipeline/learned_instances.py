@@ -92,7 +92,8 @@ def learned_kernel(store: Path, image: da.Array, band_names: list[str], nodata: 
     if overlap >= lc.window:
         raise ConfigError(f"instances.learned.window {lc.window} px must exceed the largest object plus 4 px "
                           f"({overlap} px); use a larger window")  # fmt: skip
-    params = MaskRCNNParams(window=lc.window, overlap=overlap, score=lc.score, min_size_px=lc.min_size_px)
+    params = MaskRCNNParams(window=lc.window, overlap=overlap, score=lc.score, min_size_px=lc.min_size_px,
+                            nodata=nodata)  # fmt: skip
     return maskrcnn_kernel(lc.model, params, device), image[band_idx], halo
 
 

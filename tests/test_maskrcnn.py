@@ -151,6 +151,23 @@ def test_large_blocks_run_in_windows_and_cut_detections_are_dropped():
     assert net.seen == [(1, 64, 64)] and small.shape == (40, 50) and (small[20:30, 20:30] == 1).all()
 
 
+def test_a_band_missing_at_a_valid_pixel_reaches_the_model_as_the_band_mean():
+    class _Seen(_Fixed):
+        def forward(self, images):
+            self.inputs = [im.clone() for im in images]
+            return super().forward(images)
+
+    spec = _spec()
+    block = np.full((1, 64, 64), 5.0, np.float32)
+    block[0, 10:20, 10:20] = -9999  # this band's nodata at pixels that are valid (other bands, or the mask)
+    block[0, 30:40, 30:40] = np.inf
+    net = _Seen([], 64)
+    maskrcnn_instances(block, np.ones((64, 64), bool), net, spec, MaskRCNNParams(window=64, overlap=16, nodata=-9999))
+    x = net.inputs[0][0].numpy()
+    assert (x[10:20, 10:20] == 0).all() and (x[30:40, 30:40] == 0).all()  # normalised band mean
+    assert np.isfinite(x).all() and (x[50:, 50:] != 0).all()
+
+
 def test_refuses_a_block_with_other_bands():
     with pytest.raises(InputError, match=r"expects \(1, y, x\)"):
         maskrcnn_instances(np.zeros((3, 64, 64), np.float32), np.ones((64, 64), bool), _Fixed([], 64), _spec(),

@@ -301,6 +301,9 @@ class MaskRCNNParams:
             for more than this fraction is a duplicate and dropped.
         min_size_px: pieces smaller than this (after claiming) are dropped.
         max_detections: detections kept per window (torchvision's ``detections_per_img``).
+        nodata: the input's nodata value: one band missing at an otherwise valid pixel
+            (this value, or not finite) is given the band mean, as for the U-Net
+            (:func:`pipeline.segment.unet.normalise`).
     """
 
     window: int = 256
@@ -310,6 +313,7 @@ class MaskRCNNParams:
     max_claimed: float = 0.5
     min_size_px: int = 8
     max_detections: int = 300
+    nodata: float | None = None
 
     def __post_init__(self) -> None:
         if self.window < 32 or self.window % 32:
@@ -419,7 +423,7 @@ def maskrcnn_instances(block: np.ndarray, valid: np.ndarray, net: nn.Module, spe
         raise InputError(f"valid mask {valid.shape} does not match the block's (y, x) {block.shape[1:]}")
     h, w = valid.shape
     win = params.window
-    x = normalise(block[None], spec, valid[None])[0]
+    x = normalise(block[None], spec, valid[None], params.nodata)[0]
     ph, pw = max(h, win), max(w, win)
     if (ph, pw) != (h, w):
         x = np.pad(x, ((0, 0), (0, ph - h), (0, pw - w)))
