@@ -44,12 +44,19 @@ def _console_without_tracebacks() -> None:
             handler.setFormatter(_WithoutTraceback(handler.formatter))
 
 
+#: Seconds `tileseg run` waits for Prefect's temporary API server to start (Prefect's default: 20).
+EPHEMERAL_STARTUP_TIMEOUT_S = 90
+
+
 def _prefect_env() -> None:
     # At the process edge, never at import: no telemetry from an offline machine, and
     # tileseg's log records go through Prefect's handlers (console and the run's logs in
     # the UI), also in the flow-run processes that `deploy` starts (they inherit this).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tileseg")
+    # Prefect waits 20 s for its temporary API server (`tileseg run` without PREFECT_API_URL);
+    # on a loaded 2-core machine it took longer, and the run failed before it began.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
     logging.getLogger("tileseg").handlers.clear()
 
 
@@ -95,7 +102,7 @@ def deploy(
     Needs a Prefect server (`prefect server start`) and PREFECT_API_URL pointing at it. Runs
     start in this process's working directory, so relative config paths resolve against it.
     """
-    cfg = guarded(lambda: load(config, set_))
+    cfg = guarded(lambda: load(config, set_, absolute=False))  # as written: the parameters a UI user edits
     _prefect_env()
     from flows import deploy as dep
 

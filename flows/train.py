@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.retry import io_retry_options
 from pipeline import stages
 from pipeline.cluster import dask_client
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, absolute_paths
 from pipeline.errors import ConfigError
 from pipeline.segment.unet import load_spec
 
@@ -34,6 +34,7 @@ def train_run(config: RunConfig) -> str:
     """Train the model described by ``config.train``; returns the saved model's path."""
     if config.train is None or config.evaluate.ground_truth is None:
         raise ConfigError("training needs a `train` section and evaluate.ground_truth in the config")
+    config = absolute_paths(config)  # Dask workers may run in another directory
     with dask_client(config.dask):
         model = train_task(ingest_if_missing(config), config)
     spec = load_spec(model)

@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pipeline.config import RunConfig, load_config, validate_config
+from pipeline.config import RunConfig, absolute_path, absolute_paths, load_config, validate_config
 from pipeline.errors import ConfigError, TilesegError, io_failure
 
 app = typer.Typer(
@@ -107,10 +107,14 @@ def guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
-def load(config: Path | None, sets: list[str] | None, overwrite: bool = False) -> RunConfig:
+def load(config: Path | None, sets: list[str] | None, overwrite: bool = False, absolute: bool = True) -> RunConfig:
     """Load the run config for a command (defaults when no file is given); ``overwrite``
-    (the ``--overwrite`` flag) sets ``overwrite: true``."""
+    (the ``--overwrite`` flag) sets ``overwrite: true``. With ``absolute`` its paths are made
+    absolute (:func:`pipeline.config.absolute_paths`): Dask workers may run in another
+    directory. ``deploy`` keeps them as written: a deployment's runs resolve them when they start."""
     cfg = load_config(config, sets or [])
+    if absolute:
+        cfg = absolute_paths(cfg)
     if overwrite:
         cfg.overwrite = True
     return cfg
@@ -173,7 +177,8 @@ def ingest(
 
     def go() -> Path:
         cfg = load(config, set_, overwrite)
-        return _with_cluster(cfg, lambda: stages.ingest(src, store, cfg.ingest, cfg.dask.progress, cfg.overwrite))
+        return _with_cluster(cfg, lambda: stages.ingest([absolute_path(p) for p in src], absolute_path(store),
+                                                        cfg.ingest, cfg.dask.progress, cfg.overwrite))  # fmt: skip
 
     typer.echo(f"store: {guarded(go)}")
 
@@ -189,7 +194,7 @@ def segment(store: Annotated[Path, typer.Argument(help="Store from `tileseg inge
         cfg = load(config, set_, overwrite)
         return _with_cluster(
             cfg,
-            lambda: stages.segment(store, cfg.segment, cfg.classes, cfg.evaluate.ground_truth, cfg.dask.progress,
+            lambda: stages.segment(absolute_path(store), cfg.segment, cfg.classes, cfg.evaluate.ground_truth, cfg.dask.progress,
                                    cfg.overwrite),  # fmt: skip
         )
 
@@ -209,7 +214,7 @@ def stitch(
 
     def go() -> Path:
         cfg = load(config, set_, overwrite)
-        return stages.stitch(store, out, cfg.stitch, cfg.classes, cfg.dask.progress, cfg.config_hash(), cfg.overwrite)
+        return stages.stitch(absolute_path(store), absolute_path(out), cfg.stitch, cfg.classes, cfg.dask.progress, cfg.config_hash(), cfg.overwrite)
 
     typer.echo(f"COG: {guarded(go)}")
 
@@ -291,21 +296,23 @@ def evaluate(
     from pipeline.report import console_table
 
     def go() -> Any:
-        cfg = evaluation_config(
+        cfg = absolute_paths(evaluation_config(
             load(config, set_, overwrite), gt, classes=classes, class_column=class_column,
             class_map=_pairs(class_map or [], "--class-map") or None, gt_nodata=gt_nodata, pred_nodata=pred_nodata,
             ignore_gt=[_ref(v) for v in ignore_gt or []], ignore_pred=[_ref(v) for v in ignore_pred or []],
             line_buffer=line_buffer, area_bbox=_bbox_option(area_bbox) if area_bbox else None,
             area_polygons=area_polygons, area_mask=area_mask, image=image,
-        )  # fmt: skip
+        ))  # fmt: skip
+        where = absolute_path(pred)
         ev = cfg.evaluate
         assert ev.ground_truth is not None
         img, guessed = ev.image, False
-        if img is None and config is not None and cfg.store_path.is_dir() and not (pred / "zarr.json").is_file():
+        if img is None and config is not None and cfg.store_path.is_dir() and not (where / "zarr.json").is_file():
             img, guessed = cfg.store_path, True  # the run's store, used when it is on PRED's grid
         return _with_cluster(
             cfg,
-            lambda: stages.evaluate(pred, ev.ground_truth, cfg.classes or None, ev.area, out_dir, cfg.ingest.chunk_size,
+            lambda: stages.evaluate(where, ev.ground_truth, cfg.classes or None, ev.area,
+                                    absolute_path(out_dir) if out_dir is not None else None, cfg.ingest.chunk_size,
                                     cfg.dask.progress, prediction=ev.prediction, image=img, report=ev.report,
                                     run_config_hash=cfg.config_hash(), image_optional=guessed,
                                     overwrite=cfg.overwrite),  # fmt: skip

@@ -34,7 +34,7 @@ from typing import Any
 import dask
 
 from pipeline.config import DaskConfig
-from pipeline.errors import TilesegError, io_failure
+from pipeline.errors import ChunkError, TilesegError, io_failure
 from pipeline.io.files import usable_cpus
 
 log = logging.getLogger("tileseg")
@@ -131,6 +131,10 @@ def resolved_scheduler(cfg: DaskConfig) -> str:
     return "threads"
 
 
+#: Seconds to wait for an existing scheduler (``dask.scheduler_address``) to answer.
+CONNECT_TIMEOUT_S = 20
+
+
 @contextmanager
 def dask_client(cfg: DaskConfig) -> Iterator[Any]:
     """Start (or connect to) the Dask cluster described by ``cfg`` for the duration of a block.
@@ -162,7 +166,12 @@ def dask_client(cfg: DaskConfig) -> Iterator[Any]:
     try:
         try:
             if cfg.scheduler_address:
-                client = Client(cfg.scheduler_address, timeout="20s")
+                log.info("Dask: connecting to the scheduler at %s (up to %d s)", cfg.scheduler_address, CONNECT_TIMEOUT_S)
+                client = Client(cfg.scheduler_address, timeout=f"{CONNECT_TIMEOUT_S}s")
+                if not client.scheduler_info().get("workers"):
+                    log.warning("the Dask scheduler at %s has no workers yet: the stages wait until workers join "
+                                "(`dask worker %s`, or the cluster's autoscaling)", cfg.scheduler_address,
+                                cfg.scheduler_address)  # fmt: skip
             elif (cluster := _gpu_cluster(cfg)) is not None:
                 client = Client(cluster)
             else:
@@ -300,6 +309,20 @@ class _LogLines:
 LOG_PROGRESS_EVERY_S = 10.0
 
 
+def _killed(exc: BaseException, label: str) -> ChunkError:
+    """distributed's ``KilledWorker`` (a task's workers died ``allowed_failures + 1`` times) as
+    a one-line :class:`ChunkError` naming the computation and the chunk, (y, x) as in
+    :func:`pipeline.apply.chunk_error`, and the usual causes."""
+    task, last, allowed = exc.args[:3] if len(exc.args) >= 3 else (exc.args[0] if exc.args else "?", "?", 0)
+    where = f"chunk {tuple(task[-2:])} of {task[0]}" if isinstance(task, tuple) and len(task) >= 3 else f"task {task}"
+    n = int(allowed) + 1
+    return ChunkError(
+        f"{label}: {n} Dask worker{'s' if n > 1 else ''} died running {where} (the last: "
+        f"{getattr(last, 'address', last)}), so the scheduler gave up on it: out of memory (raise "
+        "dask.memory_limit, or lower ingest.chunk_size), or stopped; the workers' logs say which"
+    )
+
+
 def _compute_in_order(objs: tuple[Any, ...], label: str, progress: bool) -> tuple[Any, ...]:
     client = current_client()
     if progress:
@@ -320,9 +343,12 @@ def _compute_in_order(objs: tuple[Any, ...], label: str, progress: bool) -> tupl
                     with redirect_stdout(_LogLines(sys.stdout)):
                         dprogress(futures, notebook=False)
             return tuple(client.gather(futures))
-        except BaseException:
+        except BaseException as exc:
             _settle(client, futures)
-            raise
+            if type(exc).__name__ != "KilledWorker":
+                raise
+            failure = _killed(exc, label)
+        raise failure  # outside `except`: a plain one-line error
     if progress:
         from dask.diagnostics import ProgressBar
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -29,6 +30,8 @@ from pipeline.config_instances import (  # noqa: F401  (re-exported: every confi
     MicroscopyConfig,
 )
 from pipeline.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
 
 #: Label value written where no class could be assigned (nodata input, outside
 #: the raster). Chosen as the top of uint8 so that 0 stays a real class id.
@@ -430,6 +433,30 @@ class DaskConfig(_Model):
     )
     n_workers: int = Field(default=2, ge=1)
     threads_per_worker: int = Field(default=1, ge=1)
+
+    @field_validator("scheduler_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        """A ``dask.distributed`` address: a known scheme (``tcp`` when none is given) and, for
+        the network schemes, ``host:port``; checked by distributed's own parsers, before any
+        connection is tried."""
+        if v is None:
+            return v
+        import re
+
+        from distributed.comm import registry
+        from distributed.comm.addressing import parse_address, parse_host_port
+
+        try:
+            scheme, loc = parse_address(v)
+            registry.get_backend(scheme)
+            if scheme != "inproc":
+                host, _ = parse_host_port(loc)
+                if not re.fullmatch(r"[A-Za-z0-9._:-]+", host):
+                    raise ValueError(f"{host!r} is not a host name or IP address")
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not a Dask scheduler address such as tcp://scheduler:8786 ({exc})") from None
+        return v
     memory_limit: str = Field(default="4GiB", description="Per worker, for the LocalCluster: bytes ('4GiB', "
                               "'6 GB') or 'auto' (the machine's memory shared by the workers).")  # fmt: skip
     processes: bool = Field(default=True, description="LocalCluster workers as processes (True) or threads.")
@@ -543,7 +570,9 @@ class RunConfig(_Model):
 
     def config_hash(self) -> str:
         """:func:`config_hash` of this config without ``dask`` and ``overwrite``, which change
-        no output: the identity of a run's outputs (see :mod:`pipeline.resume`)."""
+        no output: the identity of a run's outputs (see :mod:`pipeline.resume`). The CLI and
+        the flows hash the config after :func:`absolute_paths`, so the same relative config run
+        from two directories (two different inputs) are two runs."""
         return config_hash(self.model_dump(mode="json", exclude={"dask", "overwrite"}))
 
 
@@ -554,6 +583,38 @@ def config_hash(config: BaseModel | dict[str, Any]) -> str:
     data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def absolute_path(path: Path | str, base: Path | str | None = None) -> Path:
+    """``path`` made absolute against ``base`` (default: the current directory), ``~``
+    expanded and ``..`` collapsed (:func:`os.path.abspath`); URLs (``s3://...``) and GDAL's
+    virtual file systems (``/vsicurl/...``) are returned as they are."""
+    text = str(path)
+    if "://" in text or text.startswith("/vsi"):
+        return Path(path)
+    return Path(os.path.abspath(Path(base if base is not None else Path.cwd()) / Path(path).expanduser()))
+
+
+def absolute_paths(model: M, base: Path | str | None = None) -> M:
+    """A copy of a config ``model`` with every path (``Path`` fields, also in lists and nested
+    models) made absolute by :func:`absolute_path` against ``base`` (default: the current
+    directory).
+
+    Paths are handed to Dask tasks, which may run on the workers of an existing cluster in
+    another working directory: there ``data/scene.tif`` would name another file, or none.
+    """
+    root = Path(base) if base is not None else Path.cwd()
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, Path):
+            return absolute_path(v, root)
+        if isinstance(v, BaseModel):
+            return absolute_paths(v, root)
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return v
+
+    return model.model_copy(update={name: fix(getattr(model, name)) for name in type(model).model_fields})
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -18,7 +18,7 @@ import xarray as xr
 from sklearn.metrics import adjusted_rand_score
 
 from pipeline import instance_stages, stages
-from pipeline.config import IngestConfig, InstanceEvaluateConfig, MicroscopyConfig, load_config
+from pipeline.config import IngestConfig, InstanceEvaluateConfig, MicroscopyConfig, absolute_paths, load_config
 from pipeline.io.mosaic import write_mosaic
 from pipeline.io.sample import fetch
 from pipeline.object_metrics import instance_counts, instance_metrics
@@ -68,7 +68,7 @@ def test_nuclei_run_prints_object_metrics(nuclei, repo_root, tmp_path, prefect_h
     # each output records the run; another config is refused before it writes anything
     from pipeline.resume import recorded_run
 
-    key = load_config(repo_root / "config" / "nuclei.yaml", [f"output_dir={out}"]).config_hash()
+    key = absolute_paths(load_config(repo_root / "config" / "nuclei.yaml", [f"output_dir={out}"]), repo_root).config_hash()
     for name in ("instances.ome.zarr", "instances.tif", "report_instances.json"):
         assert recorded_run(out / name) == key, name
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}

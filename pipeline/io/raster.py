@@ -124,7 +124,15 @@ def _forget(path: str) -> None:
 
 
 def _read_failed(path: str | Path, window: Window, exc: RasterioError) -> RasterIOError:
-    """A one-line error for a failed read, with GDAL's own reason (rasterio chains it as the cause)."""
+    """A one-line error for a failed read, with GDAL's own reason (rasterio chains it as the cause).
+
+    A local file that is not there (where the read ran: a Dask worker sees its own file
+    system) is a :class:`MissingFileError`, which no retry fixes, not a corrupt file."""
+    if _is_local(str(path)) and not Path(path).exists():
+        return MissingFileError(
+            f"input raster not found where the read ran: {path} (on a Dask cluster every worker must see the "
+            "file under this name: a shared file system)"
+        )
     reason = exc.__cause__ if exc.__cause__ is not None else exc  # rasterio: "See previous exception"
     where = f"rows {window.row_off}-{window.row_off + window.height}, cols {window.col_off}-{window.col_off + window.width}"
     return RasterIOError(
@@ -133,9 +141,13 @@ def _read_failed(path: str | Path, window: Window, exc: RasterioError) -> Raster
     )
 
 
+def _is_local(path: str) -> bool:
+    """Whether ``path`` names a file of the local file system (not a URL, not a GDAL /vsi path)."""
+    return "://" not in path and not path.startswith("/vsi")
+
+
 def _open(path: str | Path) -> rasterio.DatasetReader:
-    p = Path(path)
-    if not p.exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
+    if _is_local(str(path)) and not Path(path).exists():
         raise MissingFileError(f"input raster not found: {path}")
     try:
         ds = rasterio.open(path)
