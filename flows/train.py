@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.retry import io_retry_options
-from pipeline import stages
+from pipeline import instance_stages, stages
 from pipeline.cluster import dask_client
 from pipeline.config import RunConfig, absolute_paths
 from pipeline.errors import ConfigError
@@ -17,10 +17,11 @@ from pipeline.segment.unet import load_spec
 
 
 @task(name="ingest", cache_policy=NO_CACHE, **io_retry_options())  # reads inputs: retried on transient I/O errors
-def ingest_if_missing(config: RunConfig) -> Path:
-    if (config.store_path / "zarr.json").is_file():
-        return config.store_path
-    return stages.ingest(config.inputs, config.store_path, config.ingest, config.dask.progress)
+def ingest_inputs(config: RunConfig) -> Path:
+    """The store of the config's inputs: reused when up to date, re-ingested when they changed,
+    another run's refused (without ``overwrite``); microscopy images are always re-read."""
+    return instance_stages.ingest_inputs(config.inputs, config.store_path, config.ingest, config.microscopy,
+                                         config.dask.progress, overwrite=config.overwrite)  # fmt: skip
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -36,7 +37,7 @@ def train_run(config: RunConfig) -> str:
         raise ConfigError("training needs a `train` section and evaluate.ground_truth in the config")
     config = absolute_paths(config)  # Dask workers may run in another directory
     with dask_client(config.dask):
-        model = train_task(ingest_if_missing(config), config)
+        model = train_task(ingest_inputs(config), config)
     spec = load_spec(model)
     score = ("loss", "best_val_loss") if spec.arch == "maskrcnn" else ("mIoU", "best_val_miou")
     create_markdown_artifact(

@@ -342,21 +342,22 @@ def compare(
 
 @app.command()
 def train(config: Annotated[Path, typer.Argument(help="YAML run config with a `train` section.")],
-          set_: SetOpt = None) -> None:  # fmt: skip
-    """Train a U-Net (or FCN) on the config's inputs and ground truth; ingests first if the store is missing."""
-    from pipeline import stages
+          set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:  # fmt: skip
+    """Train a U-Net (or FCN, Mask R-CNN) on the config's inputs and ground truth; ingests them first
+    (an up-to-date store is reused, another run's store refused without --overwrite)."""
+    from pipeline import instance_stages, stages
     from pipeline.errors import ConfigError
 
     def go() -> Path:
-        cfg = load(config, set_)
+        cfg = load(config, set_, overwrite)
         if cfg.train is None or cfg.evaluate.ground_truth is None:
             raise ConfigError("training needs a `train` section and evaluate.ground_truth in the config")
         tc, gt = cfg.train, cfg.evaluate.ground_truth
 
         def run() -> Path:
-            if not (cfg.store_path / "zarr.json").is_file():
-                stages.ingest(cfg.inputs, cfg.store_path, cfg.ingest, cfg.dask.progress)
-            return stages.train(cfg.store_path, tc, gt, cfg.classes, cfg.dask.progress)
+            store = instance_stages.ingest_inputs(cfg.inputs, cfg.store_path, cfg.ingest, cfg.microscopy,
+                                                  cfg.dask.progress, overwrite=cfg.overwrite)  # fmt: skip
+            return stages.train(store, tc, gt, cfg.classes, cfg.dask.progress)
 
         return _with_cluster(cfg, run)
 

@@ -550,6 +550,10 @@ class RunConfig(_Model):
             raise ValueError("segment.method 'none' segments nothing: give an `instances` section, or pick "
                              "threshold, kmeans or unet")
         km = self.segment.kmeans
+        if self.segment.method == "kmeans" and not km.map_to_classes and self.evaluate.ground_truth is not None:
+            raise ValueError("segment.kmeans without map_to_classes gives cluster ids, not classes, so they cannot be "
+                             "scored against evaluate.ground_truth: set segment.kmeans.map_to_classes (with a "
+                             "train_area), or evaluate.ground_truth: null")  # fmt: skip
         if self.segment.method == "kmeans" and km.map_to_classes:
             if self.evaluate.ground_truth is None or not self.classes:
                 raise ValueError("segment.kmeans.map_to_classes needs evaluate.ground_truth and classes")

@@ -86,12 +86,15 @@ def check_overlap(grid: Grid, bounds, crs_wkt: str | None, what: str, target: st
         raise InputError(f"{what} (extent {_fmt_extent(o)}) does not overlap {target} (extent {_fmt_extent(b)})")
 
 
-def ground_truth_array(gt: GroundTruthConfig, grid: Grid, chunks, class_names: list[str]) -> tuple[da.Array, int]:
+def ground_truth_array(gt: GroundTruthConfig, grid: Grid, chunks, class_names: list[str],
+                       target: str = "the prediction") -> tuple[da.Array, int]:  # fmt: skip
     """Lazy ground truth (y, x) on ``grid`` and the value it takes where unlabeled.
 
     Vectors are rasterized (uint8, unlabeled = ``GT_NODATA``); rasters are reprojected
     with nearest neighbour (int64, unlabeled = ``apply.GT_UNLABELED``). ``gt.class_map``
-    maps values to classes; without it, values are class names or ids.
+    maps values to classes; without it, values are class names or ids (raster values are
+    not checked here: the evaluation counts those outside 0..len(class_names) - 1, training
+    refuses them). ``target`` names ``grid`` in the no-overlap error.
 
     Raises:
         InputError: no overlap with the grid, bad class column or map, lines without a buffer.
@@ -101,13 +104,13 @@ def ground_truth_array(gt: GroundTruthConfig, grid: Grid, chunks, class_names: l
     lookup = value_lookup(class_names, gt.class_map)
     if vec_io.is_vector(path):
         bounds, crs = vec_io.layer_bounds(path)
-        check_overlap(grid, bounds, crs, f"ground truth {path}")
+        check_overlap(grid, bounds, crs, f"ground truth {path}", target)
         vec_io.check_vector(path, gt.class_column, lookup, gt.line_buffer)
         arr = apply.ground_truth(path, grid, chunks, GT_NODATA, gt.class_column, lookup, is_vector=True,
                                  line_buffer=gt.line_buffer)  # fmt: skip
         return arr, GT_NODATA
     info = rio_io.raster_info(path)
-    check_overlap(grid, info.grid.bounds(), info.grid.crs_wkt, f"ground truth {path}")
+    check_overlap(grid, info.grid.bounds(), info.grid.crs_wkt, f"ground truth {path}", target)
     nodata: float | None = gt.nodata if gt.nodata is not None else info.nodata
     if gt.nodata is not None and not fits(gt.nodata, info.dtype):
         raise InputError(f"ground-truth nodata {gt.nodata:g} cannot occur in {path} ({info.dtype})")

@@ -15,6 +15,7 @@ temporary names and published by a rename (the labels: when every chunk is writt
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -231,10 +232,11 @@ def _write_new_store(ds, store: Path, sources: list[Path], chunk: int, progress:
 
 # --------------------------------------------------------------------------- segment
 def _gt_array(gt: GroundTruthConfig, grid: Grid, chunks, class_names: list[str]):
-    """Lazy ground truth on ``grid`` and its unlabeled value (see :func:`pipeline.evaluation.ground_truth_array`)."""
+    """Lazy ground truth on the store's ``grid`` and its unlabeled value (see
+    :func:`pipeline.evaluation.ground_truth_array`)."""
     from pipeline.evaluation import ground_truth_array
 
-    return ground_truth_array(gt, grid, chunks, class_names)
+    return ground_truth_array(gt, grid, chunks, class_names, target="the image")
 
 
 def segment(
@@ -380,7 +382,11 @@ def segment(
         attrs.update(bands=feats, centroids=model.centroids.tolist(), kmeans_mean=model.mean.tolist(),
                      kmeans_std=model.std.tolist(), seed=kc.seed)  # fmt: skip
         attrs[resume.KMEANS_FIT] = fit_id
-        if mapping is None and not class_names:
+        if mapping is None:  # cluster ids, not classes: named as clusters whatever `classes` says
+            if class_names:
+                log.warning("kmeans without map_to_classes writes cluster ids 0..%d, not classes: the labels are "
+                            "named cluster_0.., not %s (segment.kmeans.map_to_classes with a train_area maps "
+                            "them)", kc.n_clusters - 1, class_names)  # fmt: skip
             class_names = [f"cluster_{k}" for k in range(kc.n_clusters)]
     attrs["class_names"] = class_names
     resume.write_labels(store, cfg, labels, probabilities, grid, attrs, where, progress, overwrite)
@@ -524,7 +530,8 @@ from pipeline.evaluation import EvaluationResult, evaluate  # noqa: E402
 
 # --------------------------------------------------------------------------- train
 def _read_chips(image, gt, gt_nodata: int, nodata, grid: Grid, area: AreaConfig, tile: int, stride: int,
-                progress: bool, label: str, to_target=None, ignore: int | None = None):  # fmt: skip
+                progress: bool, label: str, to_target=None, ignore: int | None = None,
+                class_names: list[str] | None = None):  # fmt: skip
     """Chips of ``tile`` px every ``stride`` px inside ``area`` (a bbox, polygons or a mask);
     labels outside the area are ignored, and chips without a labeled pixel are skipped.
 
@@ -533,6 +540,10 @@ def _read_chips(image, gt, gt_nodata: int, nodata, grid: Grid, area: AreaConfig,
     bool)`` to the training target before it is cut into chips (so targets such as object
     outlines see whole objects, not chip-cut ones). Unlabeled pixels become ``ignore``
     (default: the loss's ignore value, 255).
+
+    Raises:
+        InputError: with ``class_names``, labeled pixels whose value is not a class id
+            (0 .. len(class_names) - 1); the area is smaller than one chip.
     """
     from pipeline.evaluation import area_mask_and_window
     from pipeline.segment.training import IGNORE, Chips
@@ -547,6 +558,15 @@ def _read_chips(image, gt, gt_nodata: int, nodata, grid: Grid, area: AreaConfig,
     valid = ~missing(img, nodata).all(axis=0)
     ignore = IGNORE if ignore is None else ignore
     unlabeled = (lab == gt_nodata) | ~valid | ~inside
+    if class_names is not None:
+        stray = ~unlabeled & ((lab < 0) | (lab >= len(class_names)))
+        if stray.any():
+            values = np.unique(lab[stray])
+            raise InputError(
+                f"{int(stray.sum())} labeled pixels of the {label} area have values {values[:8].tolist()} that are not "
+                f"class ids 0..{len(class_names) - 1} of the classes {class_names}: give one class per id, or map "
+                "the values with evaluate.ground_truth.class_map (VALUE: CLASS)"
+            )
     if to_target is not None:
         lab = to_target(lab, unlabeled)
     lab[unlabeled] = ignore
@@ -616,10 +636,20 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
         raise InputError("training needs `classes` in the config")
     image = image[[band_names.index(b) for b in bands]]
     gt, gt_nodata = _gt_array(ground_truth, grid, image.chunks[1:], class_names)
-    tr = _read_chips(image, gt, gt_nodata, nodata, grid, cfg.train_area, cfg.tile, cfg.stride, progress, "training",
-                     to_target, ignore)  # fmt: skip
-    va = _read_chips(image, gt, gt_nodata, nodata, grid, cfg.val_area, cfg.tile, cfg.tile, progress, "validation",
-                     to_target, ignore)  # fmt: skip
+    ids = list(class_names) if to_target is None and ignore is None else None  # semantic: values are class ids
+
+    def chips(area: AreaConfig, stride: int, label: str) -> training.Chips:
+        return _read_chips(image, gt, gt_nodata, nodata, grid, area, cfg.tile, stride, progress, label, to_target,
+                           ignore, ids)  # fmt: skip
+
+    tr = chips(cfg.train_area, cfg.stride, "training")
+    if len(tr) == 0:
+        raise InputError("no training chip holds a labeled pixel; check train.train_area and the ground truth "
+                         "(its nodata, its classes) there")  # fmt: skip
+    va = chips(cfg.val_area, cfg.tile, "validation")
+    if len(va) == 0:
+        raise InputError("no validation chip holds a labeled pixel, so no epoch could be chosen; check "
+                         "train.val_area and the ground truth there")  # fmt: skip
     mean, std = training.band_statistics(tr, nodata)
     spec = ModelSpec(
         arch=cfg.arch, encoder=cfg.encoder, encoder_depth=cfg.encoder_depth, decoder_channels=cfg.decoder_channels,
@@ -630,13 +660,21 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     device = resolve_device(cfg.device)
     out = Path(cfg.out).with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
-    log_path = out.with_suffix(".log.jsonl")
+    # the epoch log goes to NAME.partial.log.jsonl, renamed onto NAME.log.jsonl with the saved
+    # model: an interrupted training leaves the previous model and its log as they were
+    final_log, log_path = out.with_suffix(".log.jsonl"), out.with_suffix(".partial.log.jsonl")
     log_path.unlink(missing_ok=True)
+
+    def saved(model: Path) -> Path:
+        if log_path.exists():
+            os.replace(log_path, final_log)
+        return model
+
     t0 = time.perf_counter()
     if cfg.arch == "maskrcnn":
         from pipeline.learned_instances import train_maskrcnn_stage
 
-        return train_maskrcnn_stage(spec, tr, va, cfg, ground_truth, device, out, log_path, progress)
+        return saved(train_maskrcnn_stage(spec, tr, va, cfg, ground_truth, device, out, log_path, progress))
 
     def fit(chips, val, epochs: int, patience: int):
         torch.manual_seed(cfg.seed)  # the random initial weights are part of a seeded run
@@ -651,8 +689,7 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
     refit_epochs = None
     if cfg.refit:
         # the validation area has chosen the epoch count; now learn from its labels too
-        va_train = _read_chips(image, gt, gt_nodata, nodata, grid, cfg.val_area, cfg.tile, cfg.stride, progress,
-                               "validation (refit)")  # fmt: skip
+        va_train = chips(cfg.val_area, cfg.stride, "validation (refit)")
         both = training.Chips(*(np.concatenate([getattr(tr, f), getattr(va_train, f)])
                                 for f in ("images", "labels", "valid")))  # fmt: skip
         empty = training.Chips(both.images[:0], both.labels[:0], both.valid[:0])
@@ -674,7 +711,7 @@ def train(store: Path, cfg: TrainConfig, ground_truth: GroundTruthConfig, classe
         "seconds": round(time.perf_counter() - t0, 1),
     }
     log.info("best validation mIoU %.4f at epoch %d", result.best_val_miou, result.best_epoch)
-    return save_model(result.net.cpu(), spec, out)
+    return saved(save_model(result.net.cpu(), spec, out))
 
 
 __all__ = ["ingest", "ingest_microscopy", "segment", "stitch", "export_ome_zarr", "evaluate", "train", "EvaluationResult"]

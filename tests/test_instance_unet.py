@@ -152,7 +152,7 @@ def test_checkpoint_round_trip(tmp_path):
     net = build_model(spec).eval()
     path = save_model(net, spec, tmp_path / "inst.safetensors")
     loaded, spec2 = load_model(path)
-    assert spec2 == spec and spec2.target == "instance_boundary"
+    assert spec2.save_id and spec2.model_copy(update={"save_id": None}) == spec and spec2.target == "instance_boundary"
     x = torch.randn(2, 1, 64, 64)
     with torch.inference_mode():
         np.testing.assert_array_equal(net(x).numpy(), loaded(x).numpy())
@@ -194,6 +194,22 @@ def test_training_with_instance_boundary_target_lowers_the_loss(trained):
     net, _ = load_model(path)
     with torch.inference_mode():
         assert net(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_instance_boundary_refit_trains_on_boundary_targets(blob_scene, tmp_path):
+    """The refit reads the validation area with the same target as the first fit (it read
+    raw instance ids, and the loss failed with 'Target 32 is out of bounds')."""
+    store, gt, _, _ = blob_scene
+    x0, y1 = synth.ORIGIN
+    cfg = TrainConfig(
+        arch="Unet", encoder="resnet18", encoder_depth=2, decoder_channels=[16, 8], target="instance_boundary",
+        train_area=BBox(xmin=x0, ymin=y1 - 960, xmax=x0 + 1280, ymax=y1),
+        val_area=BBox(xmin=x0, ymin=y1 - 1600, xmax=x0 + 1280, ymax=y1 - 960),
+        tile=64, stride=32, epochs=1, patience=5, batch_size=4, seed=0, device="cpu", refit=True,
+        out=tmp_path / "refit.safetensors",
+    )  # fmt: skip
+    path = stages.train(store, cfg, GroundTruthConfig(path=gt), [], progress=False)
+    assert load_spec(path).trained["refit_epochs"] == 1
 
 
 def test_instance_training_refuses_vector_ground_truth(blob_scene, tmp_path):

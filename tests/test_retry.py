@@ -48,7 +48,7 @@ def test_the_retry_condition_reads_the_exception_of_the_failed_state():
 def test_io_stages_retry_with_doubling_delays_and_compute_stages_do_not():
     from flows import landcover, train
 
-    for t in (landcover.ingest_task, landcover.stitch_task, landcover.evaluate_task, train.ingest_if_missing):
+    for t in (landcover.ingest_task, landcover.stitch_task, landcover.evaluate_task, train.ingest_inputs):
         assert t.retries == IO_RETRIES >= 1 and t.retry_condition_fn is retry_on_io_error, t.name
         delays = t.retry_delay_seconds
         assert len(delays) == IO_RETRIES and delays[0] > 0

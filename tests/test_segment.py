@@ -1,6 +1,8 @@
 """Classical segmentation: chunk-size invariance (the oracle test), Otsu from the global
 histogram, expressions, k-means with majority-vote mapping."""
 
+import logging
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -15,6 +17,7 @@ from pipeline.config import (
     KMeansConfig,
     SegmentConfig,
     ThresholdConfig,
+    load_config,
 )
 from pipeline.errors import ChunkError, ConfigError, InputError
 from pipeline.segment.classical import Expression
@@ -105,6 +108,24 @@ def test_kmeans_labels_identical_for_every_chunking(stores):
     for t, lab in results.items():
         np.testing.assert_array_equal(lab, results[1024], err_msg=f"T={t}")
     assert set(np.unique(results[1024])) == {0, 1, 2, 3, 4, 255}
+
+
+def test_unmapped_kmeans_clusters_are_named_as_clusters_not_as_the_classes(stores, caplog):
+    """Without map_to_classes, cluster 0 is not the first class: the labels say cluster_0..
+    (they were named, coloured and scored as the config's classes)."""
+    cfg = SegmentConfig(method="kmeans", kmeans=KMeansConfig(n_clusters=3, sample_size=5000, seed=3))
+    with caplog.at_level(logging.WARNING, logger="tileseg"):
+        lab = _labels(stores[1024], cfg, classes=[ClassInfo(name=n) for n in ("farm", "forest", "water")])
+    assert lab.attrs["class_names"] == ["cluster_0", "cluster_1", "cluster_2"]
+    assert any("not classes" in r.getMessage() for r in caplog.records)
+
+
+def test_unmapped_kmeans_cannot_be_scored_against_ground_truth(repo_root):
+    with pytest.raises(ConfigError, match=r"cluster ids, not classes.*map_to_classes"):
+        load_config(repo_root / "config" / "default.yaml", ["segment.method=kmeans", "segment.kmeans.map_to_classes=false"])
+    ok = load_config(repo_root / "config" / "default.yaml",
+                     ["segment.method=kmeans", "segment.kmeans.map_to_classes=false", "evaluate.ground_truth=null"])  # fmt: skip
+    assert ok.evaluate.ground_truth is None
 
 
 def test_kmeans_majority_vote_recovers_classes_and_is_chunk_invariant(stores, scene):

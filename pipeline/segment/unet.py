@@ -15,6 +15,7 @@ not once per task.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +57,9 @@ class ModelSpec(BaseModel):
         default=None, description="Mask R-CNN only: anchor edge (px) per FPN level; None = tileseg's default."
     )
     tileseg_version: str = ""
+    save_id: str | None = Field(
+        default=None, description="Random id of one save, also in the weights' metadata: a pair from two saves is refused."
+    )
     trained: dict[str, Any] = Field(default_factory=dict, description="Provenance: config, epochs, scores.")
 
     @property
@@ -118,14 +122,37 @@ class FCNWrapper(nn.Module):
 
 
 def save_model(net, spec: ModelSpec, path: str | Path) -> Path:
-    """Save weights as ``path`` (.safetensors) and the sidecar next to it (.json)."""
+    """Save weights as ``path`` (.safetensors) and the sidecar next to it (.json).
+
+    Both are written under hidden temporary names and renamed into place, the weights
+    first: an interrupted save leaves the previous model whole, or at worst new weights next
+    to the old sidecar, which :func:`load_model` refuses (both carry the same ``save_id``).
+    The files get the usual permissions (``0o666`` less the umask, as ``open`` gives), not
+    safetensors' owner-only ``0o600``: Dask workers may run as another user.
+    """
+    import uuid
+
     from safetensors.torch import save_file
+
+    from pipeline.io.files import tmp_sibling
 
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
+    spec = spec.model_copy(update={"save_id": uuid.uuid4().hex})
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "tileseg": "model"})
-    path.with_suffix(".json").write_text(spec.model_dump_json(indent=2) + "\n")
+    sidecar = path.with_suffix(".json")
+    tmp_w, tmp_s = tmp_sibling(path), tmp_sibling(sidecar)
+    try:
+        save_file(state, str(tmp_w), metadata={"format": "pt", "tileseg": "model", "tileseg_save": spec.save_id})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_w, 0o666 & ~umask)
+        tmp_s.write_text(spec.model_dump_json(indent=2) + "\n")
+        os.replace(tmp_w, path)
+        os.replace(tmp_s, sidecar)
+    finally:
+        tmp_w.unlink(missing_ok=True)
+        tmp_s.unlink(missing_ok=True)
     return path
 
 
@@ -163,15 +190,20 @@ def load_model(path: str | Path, device: str = "cpu"):
         MissingFileError (a RasterIOError): missing files; InputError: weights that do not fit the sidecar, or a
             file that is not safetensors (a pickle is refused, never executed).
     """
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     spec = load_spec(path)
     weights = Path(path).with_suffix(".safetensors")
     try:
         state = load_file(str(weights), device="cpu")
+        with safe_open(str(weights), framework="pt") as f:
+            saved = (f.metadata() or {}).get("tileseg_save")
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{weights} is not a safetensors file ({exc}); refusing to load it") from None
+    if spec.save_id is not None and saved != spec.save_id:
+        raise InputError(f"{weights} and its sidecar come from two different saves (an interrupted save?); "
+                         "train again, or restore both files")  # fmt: skip
     net = build_model(spec)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
