@@ -131,6 +131,12 @@ def test_raster_without_any_georeferencing_is_one_line(tmp_path):
             dst.write(np.ones((1, 30, 40), np.uint8))
     _fails(_run("ingest", str(tif), str(tmp_path / "s.zarr"), *FAST), "no georeferencing", "ingest.allow_no_crs")
     _nothing_at(tmp_path / "s.zarr")
+    # the flag the message names works on it: pixel coordinates, rows downwards (it said "south-up")
+    r = _run("ingest", str(tif), str(tmp_path / "s.zarr"), *FAST, "--set", "ingest.allow_no_crs=true")
+    assert r.returncode == 0, r.stderr
+    import xarray as xr
+
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "s.zarr")["image"].values, np.ones((1, 30, 40), np.uint8))
 
 
 def test_ground_truth_that_does_not_overlap(small, tmp_path):

@@ -218,8 +218,9 @@ def target_grid(
     degrees and in metres are not comparable, and a lone band in another CRS must not
     move the whole store into it); with ``resolution`` (map units), the same extent at that pixel size
     (shape rounded to whole pixels). With ``allow_no_crs``, inputs without a CRS are
-    taken in their own transform's units (pixel coordinates when the transform is the
-    identity); otherwise they are refused.
+    taken in their own transform's units (pixel coordinates, rows downwards as in
+    microscopy stores, when the transform is the identity: a file without any
+    georeferencing); otherwise they are refused.
 
     Raises:
         InputError: unknown reference band, inputs without a CRS (unless allowed), or a
@@ -243,7 +244,8 @@ def target_grid(
         what = "no georeferencing (no CRS, identity transform)" if grid.transform.is_identity else "no CRS"
         raise InputError(f"{ref.path} has {what}; assign one (gdal_edit.py -a_srs EPSG:... -a_ullr ...) "
                          "or set ingest.allow_no_crs: true to work in pixel coordinates")  # fmt: skip
-    if not grid.is_north_up():
+    pixels = grid.crs_wkt is None and grid.transform.is_identity  # no georeferencing: rows down, as in microscopy
+    if not grid.is_north_up() and not pixels:
         raise InputError(f"{ref.path} has a rotated or south-up transform; warp it north-up first")
     if resolution is not None:
         xmin, ymin, xmax, ymax = grid.bounds()
