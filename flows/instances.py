@@ -18,7 +18,7 @@ from flows.landcover import evaluate_task, publish_artifacts, segment_task, stit
 from flows.retry import io_retry_options
 from pipeline import instance_stages
 from pipeline.cluster import dask_client
-from pipeline.config import RunConfig, absolute_paths
+from pipeline.config import RunConfig, absolute_paths, check_scorable
 from pipeline.errors import ConfigError
 from pipeline.report import console_table
 from pipeline.resume import check_run_outputs
@@ -84,6 +84,7 @@ def instances_run(config: RunConfig) -> dict[str, str]:
     if config.instances is None:
         raise ConfigError("instances_run needs an `instances` section in the config")
     config = absolute_paths(config)  # Dask workers may run in another directory
+    check_scorable(config)
     check_run_outputs(config)  # another run's outputs: refused before anything is written
     logger = get_run_logger()
     outputs: dict[str, str] = {}

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.retry import io_retry_options
 from pipeline import stages
 from pipeline.cluster import dask_client
-from pipeline.config import RunConfig, absolute_paths
+from pipeline.config import RunConfig, absolute_paths, check_scorable
 from pipeline.report import aggregate_table, console_table, exclusion_table, iou_table, markdown
 from pipeline.resume import check_run_outputs
 from pipeline.summary import RunSummary, label_counts, summary_markdown
@@ -110,6 +110,7 @@ def landcover_run(config: RunConfig) -> dict[str, str]:
     logger = get_run_logger()
     outputs: dict[str, str] = {}
     config = absolute_paths(config)  # Dask workers may run in another directory
+    check_scorable(config)
     check_run_outputs(config)  # another run's outputs: refused before anything is written
     took: dict[str, float] = {}
     report = None

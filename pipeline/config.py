@@ -550,10 +550,6 @@ class RunConfig(_Model):
             raise ValueError("segment.method 'none' segments nothing: give an `instances` section, or pick "
                              "threshold, kmeans or unet")
         km = self.segment.kmeans
-        if self.segment.method == "kmeans" and not km.map_to_classes and self.evaluate.ground_truth is not None:
-            raise ValueError("segment.kmeans without map_to_classes gives cluster ids, not classes, so they cannot be "
-                             "scored against evaluate.ground_truth: set segment.kmeans.map_to_classes (with a "
-                             "train_area), or evaluate.ground_truth: null")  # fmt: skip
         if self.segment.method == "kmeans" and km.map_to_classes:
             if self.evaluate.ground_truth is None or not self.classes:
                 raise ValueError("segment.kmeans.map_to_classes needs evaluate.ground_truth and classes")
@@ -578,6 +574,20 @@ class RunConfig(_Model):
         the flows hash the config after :func:`absolute_paths`, so the same relative config run
         from two directories (two different inputs) are two runs."""
         return config_hash(self.model_dump(mode="json", exclude={"dask", "overwrite"}))
+
+
+def check_scorable(cfg: RunConfig) -> None:
+    """Refuse a run that would score k-means cluster ids as classes: ``segment.method: kmeans``
+    without ``map_to_classes`` and with ``evaluate.ground_truth`` (the flows call this first;
+    ``tileseg evaluate`` of any prediction is not concerned).
+
+    Raises:
+        ConfigError: naming both remedies.
+    """
+    if cfg.segment.method == "kmeans" and not cfg.segment.kmeans.map_to_classes and cfg.evaluate.ground_truth:
+        raise ConfigError("segment.kmeans without map_to_classes gives cluster ids, not classes, so they cannot be "
+                          "scored against evaluate.ground_truth: set segment.kmeans.map_to_classes (with a "
+                          "train_area), or evaluate.ground_truth: null")  # fmt: skip
 
 
 def config_hash(config: BaseModel | dict[str, Any]) -> str:

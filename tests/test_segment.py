@@ -121,11 +121,14 @@ def test_unmapped_kmeans_clusters_are_named_as_clusters_not_as_the_classes(store
 
 
 def test_unmapped_kmeans_cannot_be_scored_against_ground_truth(repo_root):
+    """A run (the flows call check_scorable first) refuses to score clusters as classes."""
+    from pipeline.config import check_scorable
+
+    unmapped = ["segment.method=kmeans", "segment.kmeans.map_to_classes=false"]
     with pytest.raises(ConfigError, match=r"cluster ids, not classes.*map_to_classes"):
-        load_config(repo_root / "config" / "default.yaml", ["segment.method=kmeans", "segment.kmeans.map_to_classes=false"])
-    ok = load_config(repo_root / "config" / "default.yaml",
-                     ["segment.method=kmeans", "segment.kmeans.map_to_classes=false", "evaluate.ground_truth=null"])  # fmt: skip
-    assert ok.evaluate.ground_truth is None
+        check_scorable(load_config(repo_root / "config" / "default.yaml", unmapped))
+    check_scorable(load_config(repo_root / "config" / "default.yaml", [*unmapped, "evaluate.ground_truth=null"]))
+    check_scorable(load_config(repo_root / "config" / "default.yaml", ["segment.method=kmeans"]))  # mapped
 
 
 def test_kmeans_majority_vote_recovers_classes_and_is_chunk_invariant(stores, scene):
