@@ -194,8 +194,8 @@ def segment(store: Annotated[Path, typer.Argument(help="Store from `tileseg inge
         cfg = load(config, set_, overwrite)
         return _with_cluster(
             cfg,
-            lambda: stages.segment(absolute_path(store), cfg.segment, cfg.classes, cfg.evaluate.ground_truth, cfg.dask.progress,
-                                   cfg.overwrite),  # fmt: skip
+            lambda: stages.segment(absolute_path(store), cfg.segment, cfg.classes, cfg.evaluate.ground_truth,
+                                   cfg.dask.progress, cfg.overwrite),  # fmt: skip
         )
 
     typer.echo(f"labels written to {guarded(go)}")
@@ -214,7 +214,8 @@ def stitch(
 
     def go() -> Path:
         cfg = load(config, set_, overwrite)
-        return stages.stitch(absolute_path(store), absolute_path(out), cfg.stitch, cfg.classes, cfg.dask.progress, cfg.config_hash(), cfg.overwrite)
+        return stages.stitch(absolute_path(store), absolute_path(out), cfg.stitch, cfg.classes, cfg.dask.progress,
+                             cfg.config_hash(), cfg.overwrite)  # fmt: skip
 
     typer.echo(f"COG: {guarded(go)}")
 

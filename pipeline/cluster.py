@@ -166,7 +166,8 @@ def dask_client(cfg: DaskConfig) -> Iterator[Any]:
     try:
         try:
             if cfg.scheduler_address:
-                log.info("Dask: connecting to the scheduler at %s (up to %d s)", cfg.scheduler_address, CONNECT_TIMEOUT_S)
+                log.info("Dask: connecting to the scheduler at %s (up to %d s)", cfg.scheduler_address,
+                         CONNECT_TIMEOUT_S)  # fmt: skip
                 client = Client(cfg.scheduler_address, timeout=f"{CONNECT_TIMEOUT_S}s")
                 if not client.scheduler_info().get("workers"):
                     log.warning("the Dask scheduler at %s has no workers yet: the stages wait until workers join "
@@ -344,8 +345,10 @@ def _compute_in_order(objs: tuple[Any, ...], label: str, progress: bool) -> tupl
                         dprogress(futures, notebook=False)
             return tuple(client.gather(futures))
         except BaseException as exc:
+            from distributed import KilledWorker
+
             _settle(client, futures)
-            if type(exc).__name__ != "KilledWorker":
+            if not isinstance(exc, KilledWorker):
                 raise
             failure = _killed(exc, label)
         raise failure  # outside `except`: a plain one-line error
