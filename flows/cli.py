@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cli import ConfigOpt, OverwriteOpt, SetOpt, app, debug_enabled, guarded, load
+from pipeline.config import check_scorable
 
 __all__ = ["app"]
 
@@ -71,6 +72,7 @@ def run(
 
     Rerunning the same command after a crash reuses the store and the finished chunks."""
     cfg = guarded(lambda: load(config, set_, overwrite))
+    guarded(lambda: check_scorable(cfg))  # before Prefect's server starts (the flows check it too)
     _prefect_env()
     if cfg.instances is not None:
         from flows.instances import instances_run as run_flow

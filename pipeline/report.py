@@ -289,11 +289,8 @@ def console_table(report: Report, class_names: list[str] | None = None) -> str:
     out.append("")
     out.append(not_applicable_sentence(doc))
     ex = doc["excluded_pixels"]
-    out.append(
-        f"evaluated {doc['evaluated_pixels']:,} px; excluded {ex['total']:,} px ("
-        + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in ex.items() if k != "total" and v)
-        + ")"
-    )
+    why = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in ex.items() if k != "total" and v)
+    out.append(f"evaluated {doc['evaluated_pixels']:,} px; excluded {ex['total']:,} px" + (f" ({why})" if why else ""))
     return "\n".join(out)
 
 

@@ -200,5 +200,6 @@ def test_text_forms_accept_bare_metrics():
     m = semantic_metrics(np.array([[3, 1], [0, 2]]))
     text = console_table(m, ["a", "b"])
     assert "macro mIoU" in text and text.splitlines()[1].startswith("a ")
+    assert text.splitlines()[-1] == "evaluated 6 px; excluded 0 px"  # no empty "()" of reasons
     assert iou_table(m, ["a", "b"])[1]["IoU"] == f"{2 / 3:.4f}"
     assert "| **b** | 0 | 2 |" in markdown(m, ["a", "b"])

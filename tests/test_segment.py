@@ -129,6 +129,14 @@ def test_unmapped_kmeans_cannot_be_scored_against_ground_truth(repo_root):
         check_scorable(load_config(repo_root / "config" / "default.yaml", unmapped))
     check_scorable(load_config(repo_root / "config" / "default.yaml", [*unmapped, "evaluate.ground_truth=null"]))
     check_scorable(load_config(repo_root / "config" / "default.yaml", ["segment.method=kmeans"]))  # mapped
+    # `tileseg run` refuses it before Prefect's temporary server starts (it took ~19 s to say so)
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["run", str(repo_root / "config" / "default.yaml")] + [a for u in unmapped for a in ("--set", u)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and "cluster ids, not classes" in res.output and "prefect" not in res.output.lower()
 
 
 def test_kmeans_majority_vote_recovers_classes_and_is_chunk_invariant(stores, scene):
